@@ -1,0 +1,1 @@
+"""HTTP routes: thin feature slices over the request pipeline."""

@@ -1,0 +1,80 @@
+"""OpenAI-compatible routes: chat completions, completions, models."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmserve.api.body import json_body
+from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from llmserve.api.respond import respond_stream, respond_whole
+from llmserve.api.state import Gateway, gateway
+from llmserve.streaming.encoders import OpenAIStreamEncoder
+from llmserve.validation.request import GenerationRequest
+from llmserve.validation.validate import validate_chat, validate_completion
+
+router = APIRouter()
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
+    request: Request,
+    gw: GatewayDep,
+) -> Response:
+    engine = gw.models.get(body.model)
+    generation = await validate_chat(body, engine.codec, gw.settings.limits)
+    return await _respond(request, gw, generation, body.stream, body.stream_options)
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(
+    body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
+    request: Request,
+    gw: GatewayDep,
+) -> Response:
+    engine = gw.models.get(body.model)
+    generation = await validate_completion(body, engine.codec, gw.settings.limits)
+    return await _respond(request, gw, generation, body.stream, body.stream_options)
+
+
+async def _respond(
+    request: Request, gw: Gateway, generation: GenerationRequest, stream: bool, options: Any
+) -> Response:
+    engine = gw.models.get(generation.model)
+    limits = gw.settings.limits
+    if not stream:
+        return await respond_whole(request, engine, generation, limits)
+    include_usage = bool(options and options.include_usage)
+    encoder = OpenAIStreamEncoder(generation, include_usage)
+    return await respond_stream(request, engine, generation, limits, encoder)
+
+
+@router.get("/v1/models")
+async def list_models(gw: GatewayDep) -> dict[str, Any]:
+    created = int(time.time())
+    data = []
+    for name in gw.models.names:
+        entry: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "llmserve",
+        }
+        codec_len = _max_model_len(gw, name)
+        if codec_len is not None:
+            entry["max_model_len"] = codec_len
+        data.append(entry)
+    return {"object": "list", "data": data}
+
+
+def _max_model_len(gw: Gateway, name: str) -> int | None:
+    try:
+        return gw.models.get(name).codec.max_model_len
+    except Exception:  # an engine still loading has no codec yet
+        return None

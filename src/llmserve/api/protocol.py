@@ -1,0 +1,77 @@
+"""The OpenAI wire schema (requests). Static bounds live here; configurable ones in validation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+class _Wire(BaseModel):
+    # Clients send many optional OpenAI fields we do not use; ignoring them is what vLLM does too.
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class WireMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+
+
+class SamplingFields(_Wire):
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # vLLM extension: -1 (or 0) means no top-k cut.
+    top_k: int | None = Field(default=None, ge=-1, le=100_000)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    n: int = Field(default=1, ge=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    # Accepted only at their harmless values; see validation for the error otherwise.
+    best_of: int | None = Field(default=None, ge=1)
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[WireMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    tools: list[dict[str, object]] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    suffix: str | None = None
+
+
+class GenerateRequest(_Wire):
+    """The simple streaming endpoint of the original design: prompt in, one event per token out."""
+
+    prompt: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    model: str | None = Field(default=None, max_length=256)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=_SEED_MIN, le=_SEED_MAX)
+    stop: str | list[str] | None = None

@@ -1,0 +1,48 @@
+"""The original design's ``/generate`` stream, and the liveness and readiness probes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmserve.api.body import json_body
+from llmserve.api.errors import json_response
+from llmserve.api.protocol import GenerateRequest
+from llmserve.api.respond import respond_stream
+from llmserve.api.state import Gateway, gateway
+from llmserve.streaming.encoders import GenerateStreamEncoder
+from llmserve.validation.validate import validate_generate
+
+router = APIRouter()
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+@router.post("/generate", response_model=None)
+async def generate(
+    body: Annotated[GenerateRequest, Depends(json_body(GenerateRequest))],
+    request: Request,
+    gw: GatewayDep,
+) -> Response:
+    model = body.model or gw.models.default
+    engine = gw.models.get(model)
+    generation = await validate_generate(body, model, engine.codec, gw.settings.limits)
+    return await respond_stream(
+        request, engine, generation, gw.settings.limits, GenerateStreamEncoder()
+    )
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP. Engine trouble shows on /ready, not here."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(gw: GatewayDep) -> Response:
+    models = await gw.models.health()
+    status = 200 if all(models.values()) else 503
+    body = {"status": "ready" if status == 200 else "not ready", "models": models}
+    return json_response(status, body)

@@ -1,0 +1,140 @@
+"""Configuration: one YAML file plus ``LLMSERVE_*`` environment overrides (pydantic-settings).
+
+No file at all means the embedded default: one model, SmolLM2-135M-Instruct, served by the
+in-process vLLM engine. Every limit has a safe default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VllmModel(_Strict):
+    """A model served by vLLM in this process (its engine core runs in a child process)."""
+
+    engine: Literal["vllm"] = "vllm"
+    name: str = EMBEDDED_MODEL_NAME
+    # A local folder or a Hugging Face name; None means the embedded default, prepared on first use.
+    model: str | None = None
+    # Passed verbatim to vllm.AsyncEngineArgs (tensor_parallel_size, max_model_len, dtype, ...).
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    # CPU builds of vLLM reserve this much host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+
+
+class UpstreamModel(_Strict):
+    """A model served by an OpenAI-compatible server elsewhere (``vllm serve``, TGI, SGLang...)."""
+
+    engine: Literal["openai"]
+    name: str
+    url: str
+    # The model's name at the upstream; defaults to ``name``.
+    upstream_model: str | None = None
+    api_key: SecretStr | None = None
+    # Used for context-length checks when the upstream does not report it in /v1/models.
+    max_model_len: int | None = Field(default=None, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_token_timeout_s: float = Field(default=120.0, gt=0)
+    between_tokens_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class SimulatedModel(_Strict):
+    """The simulated engine: a deterministic test and benchmark double, not a model."""
+
+    engine: Literal["simulated"]
+    name: str
+    tokens_per_second: float = Field(default=50.0, gt=0)
+    first_token_latency_s: float = Field(default=0.05, ge=0)
+    max_model_len: int = Field(default=4096, gt=0)
+
+
+ModelConfig = Annotated[VllmModel | UpstreamModel | SimulatedModel, Field(discriminator="engine")]
+
+
+def _embedded() -> ModelConfig:
+    return VllmModel()
+
+
+class Limits(_Strict):
+    """Bounds on what one request may ask for. Crossing one is a 400/413, never a 500."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_tokens: int = Field(default=4096, gt=0)
+    default_max_tokens: int = Field(default=256, gt=0)
+    max_n: int = Field(default=8, gt=0)
+    max_stop_sequences: int = Field(default=8, ge=0)
+    max_stop_sequence_chars: int = Field(default=256, gt=0)
+    max_logprobs: int = Field(default=20, ge=0)
+    max_messages: int = Field(default=1024, gt=0)
+    # Requests longer than this (seconds, queue and generation together) end with a timeout error.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration, built once at start and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSERVE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Where prepared models are cached (the embedded default among them).
+    cache_dir: Path = Path.home() / ".cache" / "llmserve"
+    models: list[ModelConfig] = Field(default_factory=lambda: [_embedded()], min_length=1)
+    limits: Limits = Limits()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"model names must be unique, got {names}")
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Reads model_config["yaml_file"]; no file configured means no YAML layer.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: explicit overrides > environment > YAML file > defaults."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return FileSettings(**overrides)

@@ -1,0 +1,43 @@
+"""What an engine yields while it generates: narrow, immutable event types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    # The most likely alternatives at this position, most likely first.
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text for one choice, and how many tokens it took."""
+
+    index: int
+    text: str
+    num_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceFinished:
+    index: int
+    reason: FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Token counts as the engine saw them; sent once, after the last choice finished."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+EngineEvent = TextDelta | ChoiceFinished | UsageReport

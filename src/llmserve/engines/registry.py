@@ -1,0 +1,70 @@
+"""Which engine serves which model name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from llmserve.config import ModelConfig, SimulatedModel, UpstreamModel, VllmModel
+from llmserve.engines.base import Engine
+from llmserve.engines.simulated import SimulatedEngine
+from llmserve.engines.upstream import UpstreamEngine
+from llmserve.errors import ModelNotFound
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: ModelConfig, cache_dir: Path) -> Engine:
+    if isinstance(config, SimulatedModel):
+        return SimulatedEngine(config)
+    if isinstance(config, UpstreamModel):
+        return UpstreamEngine(config)
+    assert isinstance(config, VllmModel)
+    # Imported here so that gateways without an in-process engine never import vLLM.
+    from llmserve.engines.vllm_engine import VllmEngine
+
+    return VllmEngine(config, cache_dir)
+
+
+class ModelRegistry:
+    """The served models, in configuration order; the first is the default for ``/generate``."""
+
+    def __init__(self, engines: dict[str, Engine]) -> None:
+        if not engines:
+            raise ValueError("at least one model must be configured")
+        self._engines = engines
+
+    @classmethod
+    def from_config(cls, models: list[ModelConfig], cache_dir: Path) -> ModelRegistry:
+        return cls({m.name: build_engine(m, cache_dir) for m in models})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._engines)
+
+    @property
+    def default(self) -> str:
+        return next(iter(self._engines))
+
+    def get(self, name: str) -> Engine:
+        try:
+            return self._engines[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"The model '{name[:256]}' does not exist. Served models: {', '.join(self.names)}",
+                param="model",
+            ) from None
+
+    async def start(self) -> None:
+        for name, engine in self._engines.items():
+            log.info("starting engine for model %s", name)
+            await engine.start()
+
+    async def health(self) -> dict[str, bool]:
+        results = await asyncio.gather(*(e.check_health() for e in self._engines.values()))
+        return dict(zip(self._engines, results, strict=True))
+
+    async def close(self) -> None:
+        for engine in self._engines.values():
+            await engine.close()

@@ -1,0 +1,259 @@
+"""An OpenAI-compatible upstream engine (``vllm serve`` first of all; TGI, SGLang, llama.cpp too).
+
+aiohttp, not httpx: httpx's pool is known to collapse under hundreds of concurrent streams. Closing
+an upstream stream is how a request is aborted: vLLM's server aborts on client disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from llmserve.config import UpstreamModel
+from llmserve.engines.events import (
+    ChoiceFinished,
+    EngineEvent,
+    FinishReason,
+    TextDelta,
+    TokenLogprob,
+    UsageReport,
+)
+from llmserve.errors import (
+    EngineFailure,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    LLMServeError,
+)
+from llmserve.validation.request import ChatMessage, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# Without the upstream's tokenizer we estimate: about four bytes of UTF-8 per token for English.
+_BYTES_PER_TOKEN = 4
+
+
+class EstimatingCodec:
+    """Token counts estimated from bytes; the upstream applies its own template and limits."""
+
+    def __init__(self, max_model_len: int | None) -> None:
+        self.configured_max_model_len = max_model_len
+
+    @property
+    def max_model_len(self) -> int | None:
+        # An estimate must not reject a prompt the upstream would take: let the upstream decide.
+        return None
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
+        return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [0] * math.ceil(len(text.encode()) / _BYTES_PER_TOKEN)
+
+
+class UpstreamEngine:
+    """One OpenAI-compatible server for one model (replicas come with routing)."""
+
+    def __init__(self, config: UpstreamModel) -> None:
+        self._config = config
+        self._codec = EstimatingCodec(config.max_model_len)
+        self._session: aiohttp.ClientSession | None = None
+        self._open: dict[str, aiohttp.ClientResponse] = {}
+        self._model = config.upstream_model or config.name
+
+    @property
+    def codec(self) -> EstimatingCodec:
+        return self._codec
+
+    async def start(self) -> None:
+        headers = {}
+        if self._config.api_key is not None:
+            headers["Authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        self._session = aiohttp.ClientSession(
+            base_url=self._config.url + "/",
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=self._config.max_connections),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self._config.connect_timeout_s,
+                sock_read=None,  # first-token and between-token timeouts are applied per read
+            ),
+            read_bufsize=1 << 20,
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        )
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise EngineUnavailable("the upstream engine is not started")
+        return self._session
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        chat = request.messages is not None
+        path = "v1/chat/completions" if chat else "v1/completions"
+        try:
+            async with asyncio.timeout(self._config.first_token_timeout_s):
+                response = await self._client().post(path, json=self._body(request))
+        except TimeoutError as exc:
+            raise EngineTimeout("the upstream engine did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineUnavailable(
+                f"the upstream engine is unreachable ({type(exc).__name__})"
+            ) from exc
+        self._open[request.request_id] = response
+        try:
+            if response.status != 200:
+                raise await _upstream_error(response)
+            async for event in self._events(response, chat):
+                yield event
+        except TimeoutError as exc:
+            raise EngineTimeout("the upstream engine timed out while streaming") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineFailure(f"the upstream stream broke ({type(exc).__name__})") from exc
+        finally:
+            self._open.pop(request.request_id, None)
+            response.close()
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        s = request.sampling
+        body: dict[str, Any] = {
+            "model": self._model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": s.max_tokens,
+            "n": s.n,
+            "presence_penalty": s.presence_penalty,
+            "frequency_penalty": s.frequency_penalty,
+        }
+        optional = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "top_k": s.top_k,
+            "seed": s.seed,
+            "stop": list(s.stop) or None,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            if s.logprobs is not None:
+                body["logprobs"] = True
+                body["top_logprobs"] = s.logprobs
+        else:
+            body["prompt"] = request.prompt
+            if s.logprobs is not None:
+                body["logprobs"] = s.logprobs
+        return body
+
+    async def _events(
+        self, response: aiohttp.ClientResponse, chat: bool
+    ) -> AsyncGenerator[EngineEvent, None]:
+        timeout = self._config.first_token_timeout_s
+        while True:
+            async with asyncio.timeout(timeout):
+                raw = await response.content.readline()
+            if not raw:
+                raise EngineFailure("the upstream stream ended without [DONE]")
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments (keep-alives), event names
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                raise EngineFailure("the upstream engine sent a malformed event") from exc
+            for event in _chunk_events(chunk, chat):
+                timeout = self._config.between_tokens_timeout_s
+                yield event
+
+    async def abort(self, request_id: str) -> None:
+        response = self._open.pop(request_id, None)
+        if response is not None:
+            response.close()
+
+    async def check_health(self) -> bool:
+        try:
+            async with self._client().get("health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, TimeoutError, LLMServeError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
+    if not isinstance(chunk, dict):
+        raise EngineFailure("the upstream engine sent a malformed event")
+    if "error" in chunk:
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise EngineFailure(f"the upstream engine failed: {message}")
+    events: list[EngineEvent] = []
+    for choice in chunk.get("choices") or ():
+        index = int(choice.get("index", 0))
+        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+        logprobs = _parse_logprobs(choice.get("logprobs"), chat)
+        if text:
+            events.append(TextDelta(index, text, len(logprobs) if logprobs else 1, logprobs))
+        if choice.get("finish_reason"):
+            events.append(ChoiceFinished(index, _finish_reason(choice["finish_reason"])))
+    usage = chunk.get("usage")
+    if usage:
+        events.append(UsageReport(int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
+    return events
+
+
+def _finish_reason(reason: str) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...] | None:
+    if not raw:
+        return None
+    if chat:
+        return tuple(
+            TokenLogprob(
+                item["token"],
+                float(item["logprob"]),
+                tuple((t["token"], float(t["logprob"])) for t in item.get("top_logprobs") or ()),
+            )
+            for item in raw.get("content") or ()
+        )
+    tops = raw.get("top_logprobs") or [None] * len(raw.get("tokens") or ())
+    return tuple(
+        TokenLogprob(token, float(lp or 0.0), tuple((top or {}).items()))
+        for token, lp, top in zip(
+            raw.get("tokens") or (), raw.get("token_logprobs") or (), tops, strict=False
+        )
+    )
+
+
+async def _upstream_error(response: aiohttp.ClientResponse) -> LLMServeError:
+    try:
+        body = await response.json(content_type=None, loads=orjson.loads)
+        message = str(body["error"]["message"])
+    except Exception:
+        message = f"status {response.status}"
+    if response.status in (400, 422):
+        return InvalidRequest(f"the upstream engine rejected the request: {message}")
+    if response.status in (404,):
+        return EngineFailure(f"the upstream engine does not serve this model: {message}")
+    if response.status in (429, 503):
+        return EngineUnavailable(
+            f"the upstream engine is overloaded: {message}",
+            headers={"Retry-After": response.headers.get("Retry-After", "1")},
+        )
+    return EngineFailure(f"the upstream engine failed: {message}")

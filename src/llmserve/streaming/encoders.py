@@ -1,0 +1,75 @@
+"""Engine events → SSE frames, one encoder per wire protocol."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from llmserve.api.errors import body_for
+from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, UsageReport
+from llmserve.errors import LLMServeError
+from llmserve.streaming import sse
+from llmserve.streaming.openai_format import ChunkFormatter
+from llmserve.validation.request import GenerationRequest
+
+
+class StreamEncoder(Protocol):
+    def encode(self, event: EngineEvent) -> list[bytes]: ...
+
+    def end(self) -> list[bytes]:
+        """Frames after the last event of a stream that completed."""
+
+    def error(self, exc: LLMServeError) -> list[bytes]:
+        """Frames that end a stream that failed after it started."""
+
+
+class OpenAIStreamEncoder:
+    """Chat or completion chunks, ``data: [DONE]`` at the end, errors in-band as OpenAI does."""
+
+    def __init__(self, request: GenerationRequest, include_usage: bool) -> None:
+        self._formatter = ChunkFormatter(request, include_usage)
+        self._include_usage = include_usage
+        self._chat = request.kind == "chat"
+        self._opened: set[int] = set()
+
+    def encode(self, event: EngineEvent) -> list[bytes]:
+        if isinstance(event, UsageReport):
+            if not self._include_usage:
+                return []
+            return [sse.data(self._formatter.usage(event.prompt_tokens, event.completion_tokens))]
+        frames = []
+        if self._chat and event.index not in self._opened:
+            self._opened.add(event.index)
+            frames.append(sse.data(self._formatter.role(event.index)))
+        if isinstance(event, TextDelta):
+            frames.append(sse.data(self._formatter.text(event.index, event.text, event.logprobs)))
+        else:
+            frames.append(sse.data(self._formatter.finish(event.index, event.reason)))
+        return frames
+
+    def end(self) -> list[bytes]:
+        return [sse.DONE]
+
+    def error(self, exc: LLMServeError) -> list[bytes]:
+        return [sse.data(body_for(exc)), sse.DONE]
+
+
+class GenerateStreamEncoder:
+    """The ``/generate`` protocol: ``data: {"token": ...}`` per delta, then ``event: end``."""
+
+    def __init__(self) -> None:
+        self._finish_reason: str | None = None
+
+    def encode(self, event: EngineEvent) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            return [sse.data({"token": event.text})] if event.text else []
+        if isinstance(event, ChoiceFinished):
+            self._finish_reason = event.reason
+            return []
+        usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
+        return [sse.event("end", {"finish_reason": self._finish_reason, "usage": usage})]
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, exc: LLMServeError) -> list[bytes]:
+        return [sse.event("error", body_for(exc))]

@@ -1,0 +1,134 @@
+"""OpenAI wire format for responses: streaming chunks and whole responses, chat and completions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from llmserve.engines.events import TokenLogprob
+from llmserve.serving.run import Collected
+from llmserve.validation.request import GenerationRequest
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class ChunkFormatter:
+    """Builds the ``data:`` payloads of one streaming response."""
+
+    def __init__(self, request: GenerationRequest, include_usage: bool) -> None:
+        self._chat = request.kind == "chat"
+        self._include_usage = include_usage
+        self._base = {
+            "id": request.request_id,
+            "object": "chat.completion.chunk" if self._chat else "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+        }
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {**self._base, "choices": [choice]}
+        if self._include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def role(self, index: int) -> dict[str, Any]:
+        """Chat streams open each choice with the assistant role, as OpenAI's do."""
+        delta = {"role": "assistant", "content": ""}
+        return self._chunk(
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        )
+
+    def text(
+        self, index: int, text: str, logprobs: Iterable[TokenLogprob] | None
+    ) -> dict[str, Any]:
+        if self._chat:
+            formatted = chat_logprobs(logprobs) if logprobs is not None else None
+            return self._chunk(
+                {
+                    "index": index,
+                    "delta": {"content": text},
+                    "logprobs": formatted,
+                    "finish_reason": None,
+                }
+            )
+        formatted = completion_logprobs(logprobs, 0) if logprobs is not None else None
+        return self._chunk(
+            {"index": index, "text": text, "logprobs": formatted, "finish_reason": None}
+        )
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": reason}
+        if self._chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return self._chunk(choice)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {**self._base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def full_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
+    chat = request.kind == "chat"
+    choices = []
+    for index, choice in enumerate(result.choices):
+        text = "".join(choice.text)
+        logprobs: Any = None
+        if request.sampling.logprobs is not None:
+            tokens = choice.logprobs
+            logprobs = chat_logprobs(tokens) if chat else completion_logprobs(tokens, 0)
+        entry: dict[str, Any] = {
+            "index": index,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+        }
+        if chat:
+            entry["message"] = {"role": "assistant", "content": text}
+        else:
+            entry["text"] = text
+        choices.append(entry)
+    return {
+        "id": request.request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": choices,
+        "usage": usage(result.prompt_tokens, result.completion_tokens),
+    }
+
+
+def chat_logprobs(tokens: Iterable[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode()),
+                "top_logprobs": [
+                    {"token": alt, "logprob": lp, "bytes": list(alt.encode())} for alt, lp in t.top
+                ],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def completion_logprobs(tokens: Iterable[TokenLogprob], offset: int) -> dict[str, Any]:
+    listed = list(tokens)
+    offsets = []
+    for t in listed:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in listed],
+        "token_logprobs": [t.logprob for t in listed],
+        "top_logprobs": [dict(t.top) for t in listed],
+        "text_offset": offsets,
+    }

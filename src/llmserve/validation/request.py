@@ -1,0 +1,45 @@
+"""The narrow, validated request type that every stage after validation works with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+RequestKind = Literal["chat", "completion", "generate"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Number of most likely alternatives to report per token; None means no logprobs at all.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A request that passed validation: prompt rendered and counted, every option bounded."""
+
+    request_id: str
+    model: str
+    kind: RequestKind
+    prompt: str
+    # The engine tokenizer's ids when the codec is exact, so the engine need not tokenise again.
+    prompt_token_ids: tuple[int, ...] | None
+    prompt_tokens: int
+    sampling: SamplingOptions
+    # Chat requests keep their messages so an upstream engine can apply its own template.
+    messages: tuple[ChatMessage, ...] | None = None

@@ -1,0 +1,207 @@
+"""The validation stage: wire request + engine codec + limits → ``GenerationRequest``.
+
+Static bounds (types, ranges) are checked by the wire schema; this stage checks the configurable
+limits, renders and counts the prompt, and fits max_tokens into the model's context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from llmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    WireMessage,
+)
+from llmserve.config import Limits
+from llmserve.engines.base import PromptCodec
+from llmserve.errors import ContextLengthExceeded, InvalidRequest
+from llmserve.validation.request import (
+    ChatMessage,
+    GenerationRequest,
+    RequestKind,
+    SamplingOptions,
+)
+
+# Prompts longer than this are tokenised on a worker thread so the event loop keeps serving streams.
+_INLINE_TOKENIZE_CHARS = 4096
+
+
+def new_request_id(kind: RequestKind) -> str:
+    prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen"}[kind]
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def validate_chat(
+    wire: ChatCompletionRequest, codec: PromptCodec, limits: Limits
+) -> GenerationRequest:
+    if wire.tools:
+        raise InvalidRequest("tool calling is not supported by this server", param="tools")
+    if len(wire.messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} messages are allowed", param="messages"
+        )
+    messages = tuple(_chat_message(m) for m in wire.messages)
+    prompt = codec.render_chat(messages)
+    logprobs = None
+    if wire.logprobs:
+        logprobs = wire.top_logprobs or 0
+    elif wire.top_logprobs is not None:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    max_tokens = wire.max_completion_tokens or wire.max_tokens
+    return await _build(
+        wire, "chat", prompt, codec, limits, max_tokens, logprobs, "top_logprobs", messages
+    )
+
+
+async def validate_completion(
+    wire: CompletionRequest, codec: PromptCodec, limits: Limits
+) -> GenerationRequest:
+    if wire.echo:
+        raise InvalidRequest("echo is not supported by this server", param="echo")
+    if wire.suffix:
+        raise InvalidRequest("suffix is not supported by this server", param="suffix")
+    prompt = wire.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                "send one prompt per request (batches of prompts are not supported)",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    return await _build(
+        wire, "completion", prompt, codec, limits, wire.max_tokens, wire.logprobs, "logprobs"
+    )
+
+
+async def validate_generate(
+    wire: GenerateRequest, model: str, codec: PromptCodec, limits: Limits
+) -> GenerationRequest:
+    sampling = SamplingFields(
+        model=model,
+        max_tokens=wire.max_tokens,
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        seed=wire.seed,
+        stop=wire.stop,
+    )
+    return await _build(sampling, "generate", wire.prompt, codec, limits, wire.max_tokens, None, "")
+
+
+async def _build(
+    wire: SamplingFields,
+    kind: RequestKind,
+    prompt: str,
+    codec: PromptCodec,
+    limits: Limits,
+    max_tokens: int | None,
+    logprobs: int | None,
+    logprobs_param: str,
+    messages: tuple[ChatMessage, ...] | None = None,
+) -> GenerationRequest:
+    _check_unsupported(wire)
+    stop = _stop_sequences(wire.stop, limits)
+    if wire.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n}", param="n")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise InvalidRequest(
+            f"{logprobs_param} must be at most {limits.max_logprobs}", param=logprobs_param
+        )
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
+    token_ids = await _encode(codec, prompt, chat=kind == "chat")
+    sampling = SamplingOptions(
+        max_tokens=_fit_max_tokens(len(token_ids), max_tokens, codec.max_model_len, limits),
+        temperature=wire.temperature,
+        top_p=wire.top_p,
+        top_k=wire.top_k,
+        stop=stop,
+        seed=wire.seed,
+        n=wire.n,
+        presence_penalty=wire.presence_penalty,
+        frequency_penalty=wire.frequency_penalty,
+        logprobs=logprobs,
+    )
+    return GenerationRequest(
+        request_id=new_request_id(kind),
+        model=wire.model,
+        kind=kind,
+        prompt=prompt,
+        prompt_token_ids=tuple(token_ids) if codec.exact else None,
+        prompt_tokens=len(token_ids),
+        sampling=sampling,
+        messages=messages,
+    )
+
+
+def _chat_message(message: WireMessage) -> ChatMessage:
+    content = message.content
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        text = "".join(part.text for part in content)
+    role = "system" if message.role == "developer" else message.role
+    return ChatMessage(role=role, content=text)
+
+
+def _check_unsupported(wire: SamplingFields) -> None:
+    if wire.best_of is not None and wire.best_of != wire.n:
+        raise InvalidRequest("best_of is not supported (use n)", param="best_of")
+    if wire.logit_bias:
+        raise InvalidRequest("logit_bias is not supported by this server", param="logit_bias")
+
+
+def _stop_sequences(stop: str | list[str] | None, limits: Limits) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    sequences = [stop] if isinstance(stop, str) else stop
+    if len(sequences) > limits.max_stop_sequences:
+        raise InvalidRequest(
+            f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop"
+        )
+    for sequence in sequences:
+        if not sequence:
+            raise InvalidRequest("stop sequences must not be empty", param="stop")
+        if len(sequence) > limits.max_stop_sequence_chars:
+            raise InvalidRequest(
+                f"each stop sequence must be at most {limits.max_stop_sequence_chars} characters",
+                param="stop",
+            )
+    return tuple(sequences)
+
+
+async def _encode(codec: PromptCodec, prompt: str, *, chat: bool) -> list[int]:
+    # A rendered chat template already holds its special tokens.
+    if len(prompt) <= _INLINE_TOKENIZE_CHARS:
+        return codec.encode(prompt, not chat)
+    return await asyncio.to_thread(codec.encode, prompt, not chat)
+
+
+def _fit_max_tokens(
+    prompt_tokens: int, requested: int | None, max_model_len: int | None, limits: Limits
+) -> int:
+    """The request's max_tokens, or the default clipped to the room left in the context."""
+    if max_model_len is None:
+        return requested or limits.default_max_tokens
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{prompt_tokens} tokens, leaving no room to generate.",
+            param="messages",
+        )
+    if requested is None:
+        return min(limits.default_max_tokens, room)
+    if requested > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+            f"{requested} for the completion). Reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return requested
