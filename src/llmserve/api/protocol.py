@@ -48,6 +48,8 @@ class SamplingFields(_Wire):
     # Accepted only at their harmless values; see validation for the error otherwise.
     best_of: int | None = Field(default=None, ge=1)
     logit_bias: dict[str, float] | None = None
+    # vLLM extension: generate max_tokens even past end-of-sequence (benchmarks use it).
+    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

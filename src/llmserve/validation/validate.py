@@ -124,6 +124,7 @@ async def _build(
         presence_penalty=wire.presence_penalty,
         frequency_penalty=wire.frequency_penalty,
         logprobs=logprobs,
+        ignore_eos=wire.ignore_eos,
     )
     return GenerationRequest(
         request_id=new_request_id(kind),

