@@ -49,17 +49,44 @@ class Run:
 def start_servers(model_dir: Path, vllm_port: int, gw_port: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     vllm = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", EMBEDDED_MODEL_NAME, "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", str(MAX_MODEL_LEN), "--port", str(vllm_port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            EMBEDDED_MODEL_NAME,
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--port",
+            str(vllm_port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     config = Path(tempfile.mkdtemp()) / "llmserve.yaml"
-    config.write_text(f"models:\n  - engine: vllm\n    engine_args: {{max_model_len: {MAX_MODEL_LEN}}}\n")
+    config.write_text(
+        f"models:\n  - engine: vllm\n    engine_args: {{max_model_len: {MAX_MODEL_LEN}}}\n"
+    )
     gateway = subprocess.Popen(
-        [sys.executable, "-m", "llmserve", "serve", "--config", str(config),
-         "--port", str(gw_port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "llmserve",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(gw_port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return [vllm, gateway]
 
@@ -78,9 +105,15 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, path: str) -> Non
 
 
 async def one_request(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
-    body = {"model": EMBEDDED_MODEL_NAME, "prompt": PROMPT, "max_tokens": OUTPUT_TOKENS,
-            "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": EMBEDDED_MODEL_NAME,
+        "prompt": PROMPT,
+        "max_tokens": OUTPUT_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft = None
     tokens = 0
@@ -98,8 +131,9 @@ async def one_request(session: aiohttp.ClientSession, url: str) -> tuple[int, fl
     return tokens, ttft or 0.0
 
 
-async def run_load(session: aiohttp.ClientSession, target: str, url: str,
-                   concurrency: int, requests: int) -> Run:
+async def run_load(
+    session: aiohttp.ClientSession, target: str, url: str, concurrency: int, requests: int
+) -> Run:
     queue = list(range(requests))
     results: list[tuple[int, float]] = []
 
@@ -117,8 +151,10 @@ async def run_load(session: aiohttp.ClientSession, target: str, url: str,
 async def benchmark(args: argparse.Namespace) -> list[Run]:
     model_dir = ensure_embedded_model(Settings().cache_dir)
     servers = start_servers(model_dir, args.vllm_port, args.gateway_port)
-    targets = {"vllm serve (direct)": f"http://127.0.0.1:{args.vllm_port}",
-               "llmserve (in-process vLLM)": f"http://127.0.0.1:{args.gateway_port}"}
+    targets = {
+        "vllm serve (direct)": f"http://127.0.0.1:{args.vllm_port}",
+        "llmserve (in-process vLLM)": f"http://127.0.0.1:{args.gateway_port}",
+    }
     runs: list[Run] = []
     try:
         timeout = aiohttp.ClientTimeout(total=900)
@@ -136,8 +172,11 @@ async def benchmark(args: argparse.Namespace) -> list[Run]:
                         order.reverse()
                     for name, url in order:
                         run = await run_load(session, name, url, concurrency, requests)
-                        print(f"{name:28s} c={concurrency:3d} {run.tokens_per_s:7.1f} tok/s "
-                              f"TTFT p50 {statistics.median(run.ttfts) * 1000:6.0f} ms", flush=True)
+                        print(
+                            f"{name:28s} c={concurrency:3d} {run.tokens_per_s:7.1f} tok/s "
+                            f"TTFT p50 {statistics.median(run.ttfts) * 1000:6.0f} ms",
+                            flush=True,
+                        )
                         runs.append(run)
     finally:
         for server in servers:
@@ -174,11 +213,24 @@ def report(runs: list[Run]) -> None:
     ]
     for c, d, g, ratio, dt, gt, n in rows:
         lines.append(f"| {c} | {d:.1f} | {g:.1f} | {ratio:.3f} | {dt:.0f} ms | {gt:.0f} ms | {n} |")
-    lines += ["", "Medians over rounds; each round runs both targets back to back, order "
-              "alternating. Raw runs: `gateway-vs-vllm.json`.", ""]
+    lines += [
+        "",
+        "Medians over rounds; each round runs both targets back to back, order "
+        "alternating. Raw runs: `gateway-vs-vllm.json`.",
+        "",
+    ]
     (RESULTS / "gateway-vs-vllm.md").write_text("\n".join(lines))
-    raw = [{"target": r.target, "concurrency": r.concurrency, "tokens": r.tokens,
-            "seconds": r.seconds, "tokens_per_s": r.tokens_per_s, "ttfts": r.ttfts} for r in runs]
+    raw = [
+        {
+            "target": r.target,
+            "concurrency": r.concurrency,
+            "tokens": r.tokens,
+            "seconds": r.seconds,
+            "tokens_per_s": r.tokens_per_s,
+            "ttfts": r.ttfts,
+        }
+        for r in runs
+    ]
     (RESULTS / "gateway-vs-vllm.json").write_text(json.dumps(raw, indent=1))
     plot(rows)
     print("\n".join(lines))

@@ -178,15 +178,17 @@ async def test_disconnect_mid_stream_aborts_the_vllm_request(vllm_server: Runnin
         "stream": True,
         "ignore_eos": True,
     }
-    async with httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            seen = 0
-            async for line in response.aiter_lines():
-                seen += line.startswith("data:")
-                if seen >= 3:
-                    break
-            assert engine(vllm_server).unfinished_requests() == 1
+    async with (
+        httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        seen = 0
+        async for line in response.aiter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+        assert engine(vllm_server).unfinished_requests() == 1
     # 2000 tokens at ~17 tok/s would take minutes: idle within seconds means it was aborted.
     assert await _wait_until_engine_idle(vllm_server, 5)
 
