@@ -1,5 +1,4 @@
 import httpx
-
 from tests.conftest import RunningServer
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.api.errors import error_body, json_response
+from llmserve.errors import BodyTooLarge
 
 
 class BodySizeLimit:
@@ -33,7 +33,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise HTTPException(413, self._message())
+                    raise BodyTooLarge(self._message())
             return message
 
         await self.app(scope, limited_receive, send)

@@ -56,6 +56,7 @@ class SimulatedEngine:
         self._codec = WordCodec(config.max_model_len)
         self._interval = 1.0 / config.tokens_per_second
         self.active: set[str] = set()
+        self.started: set[str] = set()
         self.aborted: list[str] = []
         self.completed: list[str] = []
         self._healthy = True
@@ -69,6 +70,7 @@ class SimulatedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         self.active.add(request.request_id)
+        self.started.add(request.request_id)
         try:
             async for event in self._run(request):
                 yield event
@@ -78,7 +80,7 @@ class SimulatedEngine:
 
     async def _run(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         sampling = request.sampling
-        texts = [""] * sampling.n
+        scanners = [StopScanner(sampling.stop) for _ in range(sampling.n)]
         finished = [False] * sampling.n
         emitted = 0
         offset = (sampling.seed or 0) % len(_WORDS)
@@ -90,12 +92,14 @@ class SimulatedEngine:
                 if finished[index]:
                     continue
                 word = _WORDS[(offset + step + index) % len(_WORDS)]
-                text, stopped = _cut_at_stop(texts[index], word, sampling.stop)
-                texts[index] += text
+                text, stopped = scanners[index].feed(word)
                 emitted += 1
-                if text or not stopped:
+                last = stopped or step == sampling.max_tokens - 1
+                if last and not stopped:
+                    text += scanners[index].flush()
+                if text:
                     yield TextDelta(index, text, 1, _logprobs(word, sampling.logprobs))
-                if stopped or step == sampling.max_tokens - 1:
+                if last:
                     finished[index] = True
                     yield ChoiceFinished(index, "stop" if stopped else "length")
             if all(finished):
@@ -103,7 +107,9 @@ class SimulatedEngine:
         yield UsageReport(request.prompt_tokens, emitted)
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self.active:
+        # Recorded for any request that started and did not complete, even if its generator
+        # was already closed by the cancellation that caused the abort.
+        if request_id in self.started and request_id not in self.completed:
             self.aborted.append(request_id)
 
     async def check_health(self) -> bool:
@@ -113,14 +119,44 @@ class SimulatedEngine:
         self._healthy = False
 
 
-def _cut_at_stop(so_far: str, word: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """The part of ``word`` to emit, and whether a stop sequence ended the choice."""
-    joined = so_far + word
-    for stop in stops:
-        at = joined.find(stop, max(0, len(so_far) - len(stop) + 1))
-        if at != -1:
-            return joined[len(so_far) : at] if at >= len(so_far) else "", True
-    return word, False
+class StopScanner:
+    """Stop sequences as vLLM applies them: the text ends before the earliest match, and text
+    that may be the start of a stop sequence is held back until it is known not to be."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._text = ""
+        self._sent = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add generated text; return what may be sent now, and whether a stop matched."""
+        start = max(0, self._sent - max((len(s) for s in self._stops), default=0))
+        self._text += piece
+        matches = [at for s in self._stops if (at := self._text.find(s, start)) != -1]
+        if matches:
+            out = self._text[self._sent : max(min(matches), self._sent)]
+            self._sent = len(self._text)
+            return out, True
+        safe = len(self._text) - self._held_back()
+        out = self._text[self._sent : max(safe, self._sent)]
+        self._sent = max(safe, self._sent)
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back text, once the choice ends for another reason."""
+        out = self._text[self._sent :]
+        self._sent = len(self._text)
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop."""
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
 
 
 def _logprobs(word: str, top: int | None) -> tuple[TokenLogprob, ...] | None:

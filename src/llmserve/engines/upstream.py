@@ -100,25 +100,27 @@ class UpstreamEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         chat = request.messages is not None
         path = "v1/chat/completions" if chat else "v1/completions"
+        # One deadline for the first token, whatever arrives before it (headers, keep-alives).
+        first_token_by = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
         try:
-            async with asyncio.timeout(self._config.first_token_timeout_s):
+            async with asyncio.timeout_at(first_token_by):
                 response = await self._client().post(path, json=self._body(request))
-        except TimeoutError as exc:
-            raise EngineTimeout("the upstream engine did not answer in time") from exc
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientError as exc:  # before TimeoutError: connect timeouts are both
             raise EngineUnavailable(
                 f"the upstream engine is unreachable ({type(exc).__name__})"
             ) from exc
+        except TimeoutError as exc:
+            raise EngineTimeout("the upstream engine sent no token in time") from exc
         self._open[request.request_id] = response
         try:
             if response.status != 200:
                 raise await _upstream_error(response)
-            async for event in self._events(response, chat):
+            async for event in self._events(response, chat, first_token_by):
                 yield event
-        except TimeoutError as exc:
-            raise EngineTimeout("the upstream engine timed out while streaming") from exc
         except aiohttp.ClientError as exc:
             raise EngineFailure(f"the upstream stream broke ({type(exc).__name__})") from exc
+        except TimeoutError as exc:
+            raise EngineTimeout("the upstream engine stopped sending tokens in time") from exc
         finally:
             self._open.pop(request.request_id, None)
             response.close()
@@ -129,7 +131,6 @@ class UpstreamEngine:
             "model": self._model,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": s.max_tokens,
             "n": s.n,
             "presence_penalty": s.presence_penalty,
             "frequency_penalty": s.frequency_penalty,
@@ -137,6 +138,8 @@ class UpstreamEngine:
         if s.ignore_eos:
             body["ignore_eos"] = True
         optional = {
+            # Only what the client asked for: the upstream knows its context, we only estimate.
+            "max_tokens": s.requested_max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             "top_k": s.top_k,
@@ -156,11 +159,13 @@ class UpstreamEngine:
         return body
 
     async def _events(
-        self, response: aiohttp.ClientResponse, chat: bool
+        self, response: aiohttp.ClientResponse, chat: bool, deadline: float
     ) -> AsyncGenerator[EngineEvent, None]:
-        timeout = self._config.first_token_timeout_s
+        """Parse the upstream's SSE. ``deadline`` is for the next token: comments and blank
+        lines do not move it, so an upstream that only sends keep-alives still times out."""
+        loop = asyncio.get_running_loop()
         while True:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 raw = await response.content.readline()
             if not raw:
                 raise EngineFailure("the upstream stream ended without [DONE]")
@@ -175,7 +180,7 @@ class UpstreamEngine:
             except orjson.JSONDecodeError as exc:
                 raise EngineFailure("the upstream engine sent a malformed event") from exc
             for event in _chunk_events(chunk, chat):
-                timeout = self._config.between_tokens_timeout_s
+                deadline = loop.time() + self._config.between_tokens_timeout_s
                 yield event
 
     async def abort(self, request_id: str) -> None:
@@ -244,13 +249,19 @@ def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...] | None:
 
 
 async def _upstream_error(response: aiohttp.ClientResponse) -> LLMServeError:
+    param = code = None
     try:
-        body = await response.json(content_type=None, loads=orjson.loads)
-        message = str(body["error"]["message"])
+        error = (await response.json(content_type=None, loads=orjson.loads))["error"]
+        message = str(error["message"])
+        param, code = error.get("param"), error.get("code")
     except Exception:
         message = f"status {response.status}"
     if response.status in (400, 422):
-        return InvalidRequest(f"the upstream engine rejected the request: {message}")
+        return InvalidRequest(
+            f"the upstream engine rejected the request: {message}",
+            param=param if isinstance(param, str) else None,
+            code=code if isinstance(code, str) else None,
+        )
     if response.status in (404,):
         return EngineFailure(f"the upstream engine does not serve this model: {message}")
     if response.status in (429, 503):

@@ -25,6 +25,8 @@ class ChunkFormatter:
     def __init__(self, request: GenerationRequest, include_usage: bool) -> None:
         self._chat = request.kind == "chat"
         self._include_usage = include_usage
+        # Completions logprobs carry each token's offset in the whole text, across chunks.
+        self._offsets = [0] * request.sampling.n
         self._base = {
             "id": request.request_id,
             "object": "chat.completion.chunk" if self._chat else "text_completion",
@@ -58,7 +60,10 @@ class ChunkFormatter:
                     "finish_reason": None,
                 }
             )
-        formatted = completion_logprobs(logprobs, 0) if logprobs is not None else None
+        formatted = None
+        if logprobs is not None:
+            formatted = completion_logprobs(logprobs, self._offsets[index])
+        self._offsets[index] += len(text)
         return self._chunk(
             {"index": index, "text": text, "logprobs": formatted, "finish_reason": None}
         )

@@ -28,6 +28,8 @@ class SamplingOptions:
     # Number of most likely alternatives to report per token; None means no logprobs at all.
     logprobs: int | None = None
     ignore_eos: bool = False
+    # What the client asked for (max_tokens is that or the default clipped to the context).
+    requested_max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,13 @@ async def _build(
         raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
     token_ids = await _encode(codec, prompt, chat=kind == "chat")
     sampling = SamplingOptions(
-        max_tokens=_fit_max_tokens(len(token_ids), max_tokens, codec.max_model_len, limits),
+        max_tokens=_fit_max_tokens(
+            len(token_ids),
+            max_tokens,
+            codec.max_model_len,
+            limits,
+            prompt_param="messages" if kind == "chat" else "prompt",
+        ),
         temperature=wire.temperature,
         top_p=wire.top_p,
         top_k=wire.top_k,
@@ -125,6 +131,7 @@ async def _build(
         frequency_penalty=wire.frequency_penalty,
         logprobs=logprobs,
         ignore_eos=wire.ignore_eos,
+        requested_max_tokens=max_tokens,
     )
     return GenerationRequest(
         request_id=new_request_id(kind),
@@ -184,7 +191,11 @@ async def _encode(codec: PromptCodec, prompt: str, *, chat: bool) -> list[int]:
 
 
 def _fit_max_tokens(
-    prompt_tokens: int, requested: int | None, max_model_len: int | None, limits: Limits
+    prompt_tokens: int,
+    requested: int | None,
+    max_model_len: int | None,
+    limits: Limits,
+    prompt_param: str,
 ) -> int:
     """The request's max_tokens, or the default clipped to the room left in the context."""
     if max_model_len is None:
@@ -194,7 +205,7 @@ def _fit_max_tokens(
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens; the prompt has "
             f"{prompt_tokens} tokens, leaving no room to generate.",
-            param="messages",
+            param=prompt_param,
         )
     if requested is None:
         return min(limits.default_max_tokens, room)
