@@ -24,7 +24,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VllmModel(_Strict):
+class AdmissionConfig(_Strict):
+    """The bounded queue in front of one model's engine (see scheduling/queue_state.py)."""
+
+    max_waiting_requests: int = Field(default=256, ge=0)
+    max_waiting_tokens: int = Field(default=2_000_000, gt=0)
+    # Requests running on the engine at once; the rest wait in the gateway's queue, not vLLM's.
+    max_in_flight: int = Field(default=64, gt=0)
+    # Longest wait in the queue; a request may ask for less with the X-Queue-Timeout header.
+    queue_timeout_s: float = Field(default=60.0, gt=0)
+    # Grouping of similar-length prompts: 0 turns it off (the measured default, see docs).
+    group_window_s: float = Field(default=0.0, ge=0, le=5)
+    group_buckets: tuple[int, ...] = (256, 1024)
+
+
+class _Model(_Strict):
+    admission: AdmissionConfig = AdmissionConfig()
+
+
+class VllmModel(_Model):
     """A model served by vLLM in this process (its engine core runs in a child process)."""
 
     engine: Literal["vllm"] = "vllm"
@@ -37,7 +55,7 @@ class VllmModel(_Strict):
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
 
 
-class UpstreamModel(_Strict):
+class UpstreamModel(_Model):
     """A model served by an OpenAI-compatible server elsewhere (``vllm serve``, TGI, SGLang...)."""
 
     engine: Literal["openai"]
@@ -61,7 +79,7 @@ class UpstreamModel(_Strict):
         return value.rstrip("/")
 
 
-class SimulatedModel(_Strict):
+class SimulatedModel(_Model):
     """The simulated engine: a deterministic test and benchmark double, not a model."""
 
     engine: Literal["simulated"]
@@ -107,6 +125,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "llmserve"
     models: list[ModelConfig] = Field(default_factory=lambda: [_embedded()], min_length=1)
     limits: Limits = Limits()
+    # A streaming request with no event for this long gets an SSE comment (queue waits, long
+    # prefills), so proxies and clients do not time it out.
+    keepalive_interval_s: float = Field(default=10.0, gt=0)
+    # On SIGTERM: stop admitting, let running requests finish this long, then abort the rest.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
     @field_validator("models")
     @classmethod

@@ -81,3 +81,22 @@ class ClientDisconnected(LLMServeError):
     status = 499
     error_type = "invalid_request_error"
     default_code = "client_disconnected"
+
+
+class Overloaded(LLMServeError):
+    """The server cannot take this request now; ``Retry-After`` says when to come back."""
+
+    status = 503
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(Overloaded):
+    default_code = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    default_code = "queue_timeout"

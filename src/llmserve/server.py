@@ -1,16 +1,69 @@
-"""Running the app under uvicorn with uvloop and httptools."""
+"""Running the app under uvicorn (uvloop + httptools), with a graceful drain on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import socket
 import sys
+import time
+from types import FrameType
 
 import uvicorn
 
 from llmserve.app import create_app
 from llmserve.config import Settings
+from llmserve.engines.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+# After the drain, what is still running is cancelled (and so aborted) within this much time.
+_CANCEL_GRACE_S = 1
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: stop admitting (readiness fails, new requests get 503), keep
+    serving what runs or waits for up to ``drain_timeout_s``, then shut down; what is still
+    running is cancelled, which aborts its engine requests. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, models: ModelRegistry, drain_timeout_s: float):
+        super().__init__(config)
+        self._models = models
+        self._drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._models.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self.force_exit = True
+            return
+        # Runs as a signal handler between bytecodes: only set flags, and hand over to the loop.
+        self._models.start_draining()
+        self._loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+    def _start_drain(self, sig: int, frame: FrameType | None) -> None:
+        self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit(sig, frame))
+
+    async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
+        log.warning(
+            "draining: %d request(s) in flight, waiting up to %g s",
+            self._models.active_requests,
+            self._drain_timeout_s,
+        )
+        deadline = time.monotonic() + self._drain_timeout_s
+        # Polled: a drain happens once per process, not per request.
+        while self._models.active_requests and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if self._models.active_requests:
+            log.warning("drain timeout: aborting %d request(s)", self._models.active_requests)
+        super().handle_exit(sig, frame)
 
 
 def serve(settings: Settings) -> int:
@@ -29,7 +82,8 @@ def serve(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    models = ModelRegistry.from_config(settings.models, settings.cache_dir)
+    app = create_app(settings, models, on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -39,7 +93,8 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=False,
         timeout_keep_alive=30,
+        timeout_graceful_shutdown=_CANCEL_GRACE_S,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, models, settings.drain_timeout_s)
     server.run()
     return 1 if failed else 0

@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from llmserve.api.body import json_body
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from llmserve.api.respond import respond_stream, respond_whole
+from llmserve.api.respond import respond_stream, respond_whole, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.streaming.encoders import OpenAIStreamEncoder
 from llmserve.validation.request import GenerationRequest
@@ -46,13 +46,11 @@ async def completions(
 async def _respond(
     request: Request, gw: Gateway, generation: GenerationRequest, stream: bool, options: Any
 ) -> Response:
-    engine = gw.models.get(generation.model)
-    limits = gw.settings.limits
+    events = start(request, gw, generation)
     if not stream:
-        return await respond_whole(request, engine, generation, limits)
-    include_usage = bool(options and options.include_usage)
-    encoder = OpenAIStreamEncoder(generation, include_usage)
-    return await respond_stream(request, engine, generation, limits, encoder)
+        return await respond_whole(request, events, generation)
+    encoder = OpenAIStreamEncoder(generation, bool(options and options.include_usage))
+    return await respond_stream(request, events, encoder, gw.settings.keepalive_interval_s)
 
 
 @router.get("/v1/models")

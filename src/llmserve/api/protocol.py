@@ -50,6 +50,8 @@ class SamplingFields(_Wire):
     logit_bias: dict[str, float] | None = None
     # vLLM extension: generate max_tokens even past end-of-sequence (benchmarks use it).
     ignore_eos: bool = False
+    # vLLM extension: scheduling class, lower first; it can only lower the key's own urgency.
+    priority: int = Field(default=0, ge=-1000, le=1000)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from llmserve.api.body import json_body
 from llmserve.api.errors import json_response
 from llmserve.api.protocol import GenerateRequest
-from llmserve.api.respond import respond_stream
+from llmserve.api.respond import respond_stream, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.streaming.encoders import GenerateStreamEncoder
 from llmserve.validation.validate import validate_generate
@@ -29,8 +29,9 @@ async def generate(
     model = body.model or gw.models.default
     engine = gw.models.get(model)
     generation = await validate_generate(body, model, engine.codec, gw.settings.limits)
+    events = start(request, gw, generation)
     return await respond_stream(
-        request, engine, generation, gw.settings.limits, GenerateStreamEncoder()
+        request, events, GenerateStreamEncoder(), gw.settings.keepalive_interval_s
     )
 
 
@@ -43,6 +44,8 @@ async def health() -> dict[str, str]:
 @router.get("/ready", response_model=None)
 async def ready(gw: GatewayDep) -> Response:
     models = await gw.models.health()
+    if gw.models.draining:
+        return json_response(503, {"status": "draining", "models": models})
     status = 200 if all(models.values()) else 503
     body = {"status": "ready" if status == 200 else "not ready", "models": models}
     return json_response(status, body)

@@ -11,6 +11,8 @@ from llmserve.engines.base import Engine
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.engines.upstream import UpstreamEngine
 from llmserve.errors import ModelNotFound
+from llmserve.scheduling.admission import Admission
+from llmserve.scheduling.queue_state import QueueLimits
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +32,18 @@ def build_engine(config: ModelConfig, cache_dir: Path) -> Engine:
 class ModelRegistry:
     """The served models, in configuration order; the first is the default for ``/generate``."""
 
-    def __init__(self, engines: dict[str, Engine]) -> None:
+    def __init__(self, engines: dict[str, Engine], configs: dict[str, ModelConfig]) -> None:
         if not engines:
             raise ValueError("at least one model must be configured")
         self._engines = engines
+        self._configs = configs
+        self._admissions = {name: Admission(_queue_limits(configs[name])) for name in engines}
+        self.draining = False
 
     @classmethod
     def from_config(cls, models: list[ModelConfig], cache_dir: Path) -> ModelRegistry:
-        return cls({m.name: build_engine(m, cache_dir) for m in models})
+        engines = {m.name: build_engine(m, cache_dir) for m in models}
+        return cls(engines, {m.name: m for m in models})
 
     @property
     def names(self) -> list[str]:
@@ -56,6 +62,25 @@ class ModelRegistry:
                 param="model",
             ) from None
 
+    def admission(self, name: str) -> Admission:
+        self.get(name)
+        return self._admissions[name]
+
+    def config(self, name: str) -> ModelConfig:
+        self.get(name)
+        return self._configs[name]
+
+    def start_draining(self) -> None:
+        """Stop admitting: new requests get 503; queued and running ones carry on."""
+        self.draining = True
+        for admission in self._admissions.values():
+            admission.draining = True
+
+    @property
+    def active_requests(self) -> int:
+        """Requests running or waiting, over every model."""
+        return sum(a.in_flight + a.queued for a in self._admissions.values())
+
     async def start(self) -> None:
         for name, engine in self._engines.items():
             log.info("starting engine for model %s", name)
@@ -68,3 +93,14 @@ class ModelRegistry:
     async def close(self) -> None:
         for engine in self._engines.values():
             await engine.close()
+
+
+def _queue_limits(config: ModelConfig) -> QueueLimits:
+    a = config.admission
+    return QueueLimits(
+        max_waiting_requests=a.max_waiting_requests,
+        max_waiting_tokens=a.max_waiting_tokens,
+        max_in_flight=a.max_in_flight,
+        group_window_s=a.group_window_s,
+        group_buckets=a.group_buckets,
+    )

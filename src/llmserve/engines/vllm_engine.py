@@ -110,10 +110,13 @@ class VllmEngine:
         if self._llm is None:
             raise EngineUnavailable("the engine is not running")
         prompt = {"prompt_token_ids": list(request.prompt_token_ids or ())}
+        # vLLM refuses a priority unless its scheduler was configured for priorities.
+        priority_policy = self._config.engine_args.get("scheduling_policy") == "priority"
+        scheduling = {"priority": request.priority} if priority_policy else {}
         completion_tokens = 0
         try:
             async for output in self._llm.generate(
-                prompt, _sampling_params(request.sampling), request.request_id
+                prompt, _sampling_params(request.sampling), request.request_id, **scheduling
             ):
                 for choice in output.outputs:
                     completion_tokens += len(choice.token_ids)

@@ -8,6 +8,7 @@ cancelled again before it runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -24,16 +25,37 @@ from llmserve.engines.events import (
     UsageReport,
 )
 from llmserve.errors import EngineTimeout
+from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 
 async def run_on_engine(
-    engine: Engine, request: GenerationRequest, timeout_s: float
+    engine: Engine,
+    request: GenerationRequest,
+    timeout_s: float,
+    admission: Admission | None = None,
+    ticket: Ticket | None = None,
 ) -> AsyncGenerator[EngineEvent, None]:
-    """Events of one engine request, aborted on any early exit, bounded by ``timeout_s``."""
+    """Events of one engine request: admitted first (when ``admission`` is given), aborted on
+    any early exit, bounded by ``timeout_s`` (queue wait included), its slot always released."""
     deadline = time.monotonic() + timeout_s
+    with contextlib.ExitStack() as stack:
+        if admission is not None and ticket is not None:
+            stack.enter_context(await admission.acquire(ticket))
+        # aclosing: an early exit here must close (and so abort) the engine request at once,
+        # not whenever the garbage collector finalises the inner generator.
+        async with contextlib.aclosing(
+            _engine_events(engine, request, deadline, timeout_s)
+        ) as inner:
+            async for event in inner:
+                yield event
+
+
+async def _engine_events(
+    engine: Engine, request: GenerationRequest, deadline: float, timeout_s: float
+) -> AsyncGenerator[EngineEvent, None]:
     finished = False
     events = engine.generate(request)
     try:

@@ -46,3 +46,5 @@ class GenerationRequest:
     sampling: SamplingOptions
     # Chat requests keep their messages so an upstream engine can apply its own template.
     messages: tuple[ChatMessage, ...] | None = None
+    # Scheduling class, lower first (admission, and vLLM's priority scheduling where enabled).
+    priority: int = 0

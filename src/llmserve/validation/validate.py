@@ -142,6 +142,7 @@ async def _build(
         prompt_tokens=len(token_ids),
         sampling=sampling,
         messages=messages,
+        priority=wire.priority,
     )
 
 

@@ -1,0 +1,47 @@
+"""The admission ticket of a request: who asks, what it may cost, how long it may wait."""
+
+from __future__ import annotations
+
+import math
+
+from starlette.requests import Request
+
+from llmserve.auth.principal import Principal
+from llmserve.config import ModelConfig
+from llmserve.errors import InvalidRequest
+from llmserve.scheduling.admission import Ticket
+from llmserve.validation.request import GenerationRequest
+
+QUEUE_TIMEOUT_HEADER = "x-queue-timeout"
+
+
+def ticket_for(
+    request: Request, generation: GenerationRequest, principal: Principal, model: ModelConfig
+) -> Ticket:
+    sampling = generation.sampling
+    return Ticket(
+        request_id=generation.request_id,
+        tenant=principal.name,
+        cost=generation.prompt_tokens + sampling.max_tokens * sampling.n,
+        prompt_tokens=generation.prompt_tokens,
+        timeout_s=_queue_timeout(request, model.admission.queue_timeout_s),
+        weight=principal.weight,
+        priority=max(principal.priority, generation.priority),
+    )
+
+
+def _queue_timeout(request: Request, longest: float) -> float:
+    """The model's queue timeout, or a shorter one asked for in the X-Queue-Timeout header."""
+    raw = request.headers.get(QUEUE_TIMEOUT_HEADER)
+    if raw is None:
+        return longest
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = math.nan
+    if not math.isfinite(asked) or asked <= 0:
+        raise InvalidRequest(
+            f"the {QUEUE_TIMEOUT_HEADER} header must be a positive number of seconds",
+            param=QUEUE_TIMEOUT_HEADER,
+        )
+    return min(asked, longest)

@@ -1,0 +1,1 @@
+"""Who is asking: the principal a request runs as."""
