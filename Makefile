@@ -37,7 +37,8 @@ test: lint typecheck
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python benchmarks/gateway_vs_vllm.py
+	$(BIN)/python -m benchmarks.gateway_vs_vllm
+	$(BIN)/python -m benchmarks.grouping
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -4,7 +4,7 @@ Both servers run the embedded SmolLM2-135M with the same engine settings (fp32, 
 context). Runs are interleaved (A B, then B A) after a warm-up; the report gives the median over
 rounds and the ratio. Writes benchmarks/results/gateway-vs-vllm.{md,json,png}.
 
-    .venv/bin/python benchmarks/gateway_vs_vllm.py [--rounds 2] [--concurrency 1 16]
+    .venv/bin/python -m benchmarks.gateway_vs_vllm [--rounds 2] [--concurrency 1 16]
 """
 
 from __future__ import annotations

@@ -1,0 +1,203 @@
+"""Graceful drain on SIGTERM, against the real ``llmserve serve`` process (DrainingServer).
+
+"sim" emits 20 tokens/s, so a 40-token stream runs ~2 s and a 1000-token one ~50 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.scheduling.helpers import (
+    StreamResult,
+    assert_overloaded,
+    completion,
+    stream_request,
+)
+
+PATH = "/v1/completions"
+STARTUP_S = 30.0
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server_log(tmp_path: Path) -> Iterator[IO[bytes]]:
+    with (tmp_path / "server.log").open("w+b") as log:
+        yield log
+
+
+def log_text(log: IO[bytes]) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-4000:]
+
+
+@asynccontextmanager
+async def llmserve(
+    tmp_path: Path, log: IO[bytes], drain_timeout_s: float
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m llmserve serve`` on a free port, up and ready; killed if a test leaves it."""
+    config = tmp_path / "llmserve.yaml"
+    config.write_text(
+        "log_level: warning\n"
+        f"cache_dir: {tmp_path / 'cache'}\n"
+        f"drain_timeout_s: {drain_timeout_s}\n"
+        "models:\n"
+        "  - engine: simulated\n"
+        "    name: sim\n"
+        "    tokens_per_second: 20\n"
+        "    first_token_latency_s: 0.05\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmserve",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        stdout=log,
+        stderr=log,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=2) as client:
+            deadline = time.monotonic() + STARTUP_S
+            while True:
+                assert process.returncode is None, f"the server exited:\n{log_text(log)}"
+                assert time.monotonic() < deadline, f"the server never got ready:\n{log_text(log)}"
+                try:
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield process, url
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def open_streams(
+    client: httpx.AsyncClient, count: int, max_tokens: int
+) -> list[asyncio.Task[StreamResult]]:
+    """Start ``count`` streams and return once each has had its first data frame."""
+    firsts = [asyncio.Event() for _ in range(count)]
+    body = completion("sim", max_tokens, stream=True)
+    tasks = [
+        asyncio.create_task(stream_request(client, PATH, body, on_first_data=first))
+        for first in firsts
+    ]
+    await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), timeout=10)
+    return tasks
+
+
+def exited_by_sigterm_or_cleanly(code: int | None) -> bool:
+    # uvicorn re-raises the signal it shut down for, so a drained server dies "by" SIGTERM.
+    return code in (0, -signal.SIGTERM)
+
+
+async def test_sigterm_drains_running_streams_then_exits(
+    tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    drain_timeout_s = 10.0
+    async with llmserve(tmp_path, server_log, drain_timeout_s) as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+            streams = await open_streams(client, 3, 40)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            async with httpx.AsyncClient(base_url=url, timeout=5) as probe:
+                # Readiness fails at once, while the process still answers.
+                deadline = time.monotonic() + 1.0
+                ready = await probe.get("/ready")
+                while ready.status_code != 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                    ready = await probe.get("/ready")
+                assert ready.status_code == 503
+                assert ready.json()["status"] == "draining"
+                # New work is turned away with a retryable 503, streaming or not.
+                assert_overloaded(await probe.post(PATH, json=completion("sim", 5)), "draining")
+                refused = await stream_request(probe, PATH, completion("sim", 5, stream=True))
+                assert_overloaded(refused, "draining")
+                assert time.monotonic() - signalled < 1.5  # all of this during the drain
+            assert process.returncode is None
+
+            results = await asyncio.gather(*streams)
+
+        # Every stream that was running finished in full.
+        for result in results:
+            assert result.status == 200
+            assert result.error is None
+            assert result.token_chunks == 40
+            assert result.chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert result.done
+        code = await asyncio.wait_for(process.wait(), timeout=drain_timeout_s)
+        exited = time.monotonic()
+        assert exited - signalled < drain_timeout_s
+        # It waited for the streams, not for the drain timeout.
+        assert exited >= max(r.ended for r in results) - 0.05
+        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+
+
+async def test_drain_timeout_cuts_long_streams_and_exits(
+    tmp_path: Path, server_log: IO[bytes]
+) -> None:
+    async with llmserve(tmp_path, server_log, 0.5) as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+            streams = await open_streams(client, 3, 1000)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            # 0.5 s of drain, ~1 s of grace for the rest to be cancelled, then exit.
+            results = await asyncio.wait_for(asyncio.gather(*streams), timeout=5)
+            code = await asyncio.wait_for(process.wait(), timeout=5)
+            exited = time.monotonic()
+        assert exited - signalled < 3.0
+        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+        for result in results:
+            assert result.status == 200
+            assert result.ended - signalled < 3.0  # ended, did not hang
+            assert 0 < result.token_chunks < 1000
+            # Cut off: it must not look complete (no [DONE] without an error event before it).
+            if result.done:
+                assert any("error" in chunk for chunk in result.chunks), result.frames[-3:]
+
+
+async def test_a_second_sigterm_exits_at_once(tmp_path: Path, server_log: IO[bytes]) -> None:
+    async with llmserve(tmp_path, server_log, 30.0) as (process, url):
+        async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+            streams = await open_streams(client, 2, 1000)
+            process.send_signal(signal.SIGTERM)
+            ready = await client.get("/ready")
+            deadline = time.monotonic() + 1.0
+            while ready.status_code != 503 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                ready = await client.get("/ready")
+            assert ready.json()["status"] == "draining"
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            code = await asyncio.wait_for(process.wait(), timeout=5)
+            exited = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*streams), timeout=5)
+        assert exited - signalled < 2.0  # not the 30 s drain
+        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+        for result in results:
+            assert result.token_chunks < 1000
+            assert result.ended - signalled < 3.0
