@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llmserve.config import Limits, Settings
 from llmserve.engines.events import EngineEvent
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.validation.request import GenerationRequest
@@ -46,12 +47,13 @@ def track_peak(engine: SimulatedEngine) -> list[int]:
 
 # --- a burst beyond capacity -------------------------------------------------------------------
 
-# 2 running + 3 waiting = 5 admitted of 10. Each takes 0.4 s + 15 x 0.04 s = 1.0 s on the engine,
-# so the five admitted need three rounds (~3 s), and a rejection is due long before any of it.
+# 2 running + 3 waiting = 5 admitted of 10. Each takes 0.5 s + 15 x 0.05 s = 1.25 s on the engine,
+# so the five admitted need three rounds (~3.75 s), and no admitted request, running or waiting,
+# can be answered in full before 1.25 s: a rejection must come well before that.
 BURST = model(
     "burst",
-    tokens_per_second=25,
-    first_token_latency_s=0.4,
+    tokens_per_second=20,
+    first_token_latency_s=0.5,
     max_in_flight=2,
     max_waiting_requests=3,
 )
@@ -78,11 +80,12 @@ async def test_burst_beyond_capacity_rejects_the_excess_at_once() -> None:
                 assert_overloaded(response, "queue_full")
             else:
                 assert response.json()["usage"]["completion_tokens"] == BURST_TOKENS
-        # Rejections are immediate: all of them before even the first admitted request is done.
-        assert max(rejected) < 0.5, rejected
-        assert min(served) >= 0.95, served
+        # Rejections are immediate (~0.1 s; 1 s allows for a loaded machine): all of them well
+        # before even the first admitted request is done.
+        assert max(rejected) < 1.0, rejected
+        assert min(served) >= 1.2, served
         # The three waiting requests ran after the first two, never beside them.
-        assert max(served) > 2.5, served
+        assert max(served) > 3.5, served
         assert peak == [2]
         assert_idle(server.models.admission("burst"))
 
@@ -106,12 +109,13 @@ async def test_streaming_burst_rejects_with_a_status_before_any_stream_byte() ->
             assert result.token_chunks == BURST_TOKENS
             assert result.done
             assert result.error is None
-        first_bytes = [r.first_data_at for r in served if r.first_data_at is not None]
-        assert len(first_bytes) == 5
-        latest_rejection = max(r.ended for r in rejected)
-        assert latest_rejection - start < 0.5
-        assert latest_rejection < min(first_bytes)  # before the first token of any stream
-        assert max(r.ended for r in served) - start > 2.5
+        # Rejected at once (~0.1 s; 1 s allows for a loaded machine), long before any admitted
+        # stream could end, and before a waiting one even got its status line.
+        latest_rejection = max(r.ended for r in rejected) - start
+        assert latest_rejection < 1.0
+        assert latest_rejection < min(r.ended for r in served) - start - 0.2
+        assert sorted(r.started - start for r in served)[2] > 1.2
+        assert max(r.ended for r in served) - start > 3.5
         assert peak == [2]
         assert_idle(server.models.admission("burst"))
 
@@ -182,19 +186,21 @@ async def test_the_model_queue_timeout_caps_the_header() -> None:
         assert_idle(admission)
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "0", "nan", ""])
-@pytest.mark.parametrize("stream", [False, True])
-async def test_an_invalid_queue_timeout_header_is_400(value: str, stream: bool) -> None:
+async def test_an_invalid_queue_timeout_header_is_400() -> None:
     async with serve(settings(QUEUED)) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
-            response = await client.post(
-                PATH, json=completion("q", 5, stream=stream), headers={"X-Queue-Timeout": value}
-            )
-        assert response.status_code == 400, response.text
-        assert response.headers["content-type"].startswith("application/json")
-        error = response.json()["error"]
-        assert error["type"] == "invalid_request_error"
-        assert error["param"] == "x-queue-timeout"
+            for value in ("abc", "-1", "0", "nan", ""):
+                for stream in (False, True):
+                    response = await client.post(
+                        PATH,
+                        json=completion("q", 5, stream=stream),
+                        headers={"X-Queue-Timeout": value},
+                    )
+                    assert response.status_code == 400, (value, stream, response.text)
+                    assert response.headers["content-type"].startswith("application/json")
+                    error = response.json()["error"]
+                    assert error["type"] == "invalid_request_error"
+                    assert error["param"] == "x-queue-timeout"
         assert sim_engine(server, "q").started == set()
         assert_idle(server.models.admission("q"))
 
@@ -254,8 +260,8 @@ async def test_a_queued_stream_gets_keepalive_comments_then_its_tokens() -> None
 
         assert result.status == 200
         assert result.headers["content-type"].startswith("text/event-stream")
-        # The status came after one keep-alive interval, not after the ~1.5 s queue wait.
-        assert result.started - t0 < 0.8
+        # The status came after one keep-alive interval (0.2 s), not after the ~1.5 s queue wait.
+        assert result.started - t0 < 1.0
         first_data = next(
             i for i, (_, frame) in enumerate(result.frames) if frame.startswith("data:")
         )
@@ -362,3 +368,82 @@ async def test_no_slot_token_or_waiter_leaks_after_every_kind_of_ending() -> Non
         for name in server.models.names:
             assert_idle(server.models.admission(name))
             assert sim_engine(server, name).active == set()
+
+
+# --- the waiting room of size zero ------------------------------------------------------------
+
+NO_ROOM = model("noroom", tokens_per_second=20, max_in_flight=2, max_waiting_requests=0)
+
+
+async def test_a_zero_waiting_room_still_serves_while_slots_are_free() -> None:
+    async with serve(settings(NO_ROOM)) as server:
+        admission = server.models.admission("noroom")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            alone = await client.post(PATH, json=completion("noroom", 3))
+            assert alone.status_code == 200, alone.text
+            burst = await asyncio.gather(
+                *(client.post(PATH, json=completion("noroom", 10)) for _ in range(4))
+            )
+        # Both slots are used; nothing may wait, so the other two are turned away at once.
+        assert Counter(r.status_code for r in burst) == {200: 2, 503: 2}
+        for response in burst:
+            if response.status_code == 503:
+                assert_overloaded(response, "queue_full")
+        assert_idle(admission)
+
+
+# --- the request timeout covers the queue wait -------------------------------------------------
+
+# Every request, queue wait included, must end within request_timeout_s (config.Limits). One slot
+# is kept busy by a steady supply of urgent (priority 0) requests of ~0.2 s each; a less urgent
+# one (priority 5) waits behind them. The model's queue timeout is the default 60 s.
+DEADLINE = model("deadline", tokens_per_second=20, max_in_flight=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: limits.request_timeout_s does not bound the queue wait. run_on_engine computes the "
+        "deadline but awaits admission.acquire() unbounded; the ticket's timeout is only the "
+        "model's queue_timeout_s (api/admit.py), so a queued request outlives its request "
+        "timeout until it is dispatched (then fail_after(0) starts and aborts it on the engine) "
+        "or until queue_timeout_s passes"
+    ),
+)
+async def test_the_request_timeout_ends_a_request_still_waiting_in_the_queue() -> None:
+    request_timeout_s = 1.0
+    feed_for_s = 3.0
+    s = Settings(models=[DEADLINE], limits=Limits(request_timeout_s=request_timeout_s))
+    async with serve(s) as server:
+        engine = sim_engine(server, "deadline")
+        admission = server.models.admission("deadline")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            stop = time.monotonic() + feed_for_s
+            urgent: list[asyncio.Task[httpx.Response]] = []
+
+            async def feed() -> None:
+                # Keep urgent requests queued at all times (one running, up to two waiting), each
+                # done well within the timeout.
+                while time.monotonic() < stop:
+                    if sum(not t.done() for t in urgent) < 3:
+                        urgent.append(
+                            asyncio.create_task(client.post(PATH, json=completion("deadline", 4)))
+                        )
+                    await asyncio.sleep(0.02)
+
+            feeder = asyncio.create_task(feed())
+            await eventually(lambda: admission.in_flight == 1 and admission.queued == 1)
+            started_before = set(engine.started)
+            t0 = time.monotonic()
+            late = await client.post(PATH, json=completion("deadline", 4, priority=5))
+            ended = time.monotonic() - t0
+            await feeder
+            responses = await asyncio.gather(*urgent)
+
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        # It ends with a timeout error at its deadline, not when the urgent supply dries up...
+        assert late.status_code in (503, 504), late.text
+        assert ended < request_timeout_s + 0.6, ended
+        # ...and a request past its deadline is never handed to the engine.
+        assert late.json()["error"]["code"] in ("queue_timeout", "request_timeout")
+        assert set(engine.started) - started_before <= {r.json()["id"] for r in responses}

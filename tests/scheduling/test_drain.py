@@ -46,7 +46,7 @@ def log_text(log: IO[bytes]) -> str:
 
 @asynccontextmanager
 async def llmserve(
-    tmp_path: Path, log: IO[bytes], drain_timeout_s: float
+    tmp_path: Path, log: IO[bytes], drain_timeout_s: float, max_in_flight: int = 64
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """``python -m llmserve serve`` on a free port, up and ready; killed if a test leaves it."""
     config = tmp_path / "llmserve.yaml"
@@ -59,6 +59,8 @@ async def llmserve(
         "    name: sim\n"
         "    tokens_per_second: 20\n"
         "    first_token_latency_s: 0.05\n"
+        "    admission:\n"
+        f"      max_in_flight: {max_in_flight}\n"
     )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
@@ -114,13 +116,17 @@ def exited_by_sigterm_or_cleanly(code: int | None) -> bool:
     return code in (0, -signal.SIGTERM)
 
 
-async def test_sigterm_drains_running_streams_then_exits(
+async def test_sigterm_drains_running_and_queued_requests_then_exits(
     tmp_path: Path, server_log: IO[bytes]
 ) -> None:
     drain_timeout_s = 10.0
-    async with llmserve(tmp_path, server_log, drain_timeout_s) as (process, url):
+    # Three slots: the three streams run, and one more request waits for a slot.
+    async with llmserve(tmp_path, server_log, drain_timeout_s, max_in_flight=3) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=15) as client:
             streams = await open_streams(client, 3, 40)
+            queued = asyncio.create_task(client.post(PATH, json=completion("sim", 5)))
+            await asyncio.sleep(0.5)  # it reaches the server's queue
+            assert not queued.done()
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
 
@@ -133,27 +139,34 @@ async def test_sigterm_drains_running_streams_then_exits(
                     ready = await probe.get("/ready")
                 assert ready.status_code == 503
                 assert ready.json()["status"] == "draining"
+                # Liveness stays green: a draining process must not be restarted for it.
+                assert (await probe.get("/health")).status_code == 200
                 # New work is turned away with a retryable 503, streaming or not.
                 assert_overloaded(await probe.post(PATH, json=completion("sim", 5)), "draining")
                 refused = await stream_request(probe, PATH, completion("sim", 5, stream=True))
                 assert_overloaded(refused, "draining")
-                assert time.monotonic() - signalled < 1.5  # all of this during the drain
-            assert process.returncode is None
+            assert not any(stream.done() for stream in streams)  # all this during the drain
 
             results = await asyncio.gather(*streams)
+            waited = await queued
+            waited_done = time.monotonic()
 
-        # Every stream that was running finished in full.
+        # Every stream that was running finished in full...
         for result in results:
             assert result.status == 200
             assert result.error is None
             assert result.token_chunks == 40
             assert result.chunks[-1]["choices"][0]["finish_reason"] == "length"
             assert result.done
+        # ...and so did the request that was waiting for a slot when the signal came.
+        assert waited.status_code == 200, waited.text
+        assert waited.json()["usage"]["completion_tokens"] == 5
+        assert waited_done >= min(r.ended for r in results)  # it did wait for a slot
         code = await asyncio.wait_for(process.wait(), timeout=drain_timeout_s)
         exited = time.monotonic()
         assert exited - signalled < drain_timeout_s
-        # It waited for the streams, not for the drain timeout.
-        assert exited >= max(r.ended for r in results) - 0.05
+        # It waited for all of them, not for the drain timeout.
+        assert exited >= max([*(r.ended for r in results), waited_done]) - 0.05
         assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
 
 

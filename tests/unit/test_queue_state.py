@@ -189,16 +189,27 @@ def test_entry_bigger_than_token_bound_is_rejected_when_others_wait() -> None:
     assert state.waiting_tokens == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: offer() checks len(waiting) >= max_waiting_requests before anything can run, so "
-    "max_waiting_requests=0 (allowed by AdmissionConfig, ge=0: 'no waiting room') rejects every "
-    "request, even into an idle engine with free slots",
-)
 def test_zero_waiting_room_still_admits_into_free_slots() -> None:
+    """max_waiting_requests=0 means 'never wait', not 'never run'."""
     state = QueueState(limits(max_waiting_requests=0, max_in_flight=2))
     assert state.offer(entry("r0"), 0.0) is None
-    assert ids(state.pop_ready(0.0)) == ["r0"]
+    assert state.offer(entry("r1"), 0.0) is None
+    assert ids(state.pop_ready(0.0)) == ["r0", "r1"]
+    rejected = state.offer(entry("r2"), 0.0)  # both slots busy: it would have to wait
+    assert isinstance(rejected, Rejected) and rejected.reason == "queue_full"
+
+
+def test_waiting_bounds_apply_only_to_entries_that_will_really_wait() -> None:
+    state = QueueState(limits(max_waiting_requests=1, max_waiting_tokens=10, max_in_flight=3))
+    for i in range(3):  # each fits a free slot: taken whatever the bounds
+        offer_ok(state, entry(f"r{i}", cost=50))
+    assert state.waiting_tokens == 150
+    rejected = state.offer(entry("r3", cost=1), 0.0)
+    assert isinstance(rejected, Rejected) and rejected.reason == "queue_full"
+    assert ids(state.pop_ready(0.0)) == ["r0", "r1", "r2"]
+    offer_ok(state, entry("w0", cost=50))  # alone in the waiting room: accepted though big
+    rejected = state.offer(entry("w1", cost=1), 0.0)
+    assert isinstance(rejected, Rejected) and rejected.reason == "queue_full"
 
 
 def test_rejected_offer_leaves_no_trace_in_fairness_accounting() -> None:
@@ -625,7 +636,7 @@ op = st.one_of(
 @given(
     ops=st.lists(op, max_size=60),
     max_in_flight=st.integers(1, 4),
-    max_waiting_requests=st.integers(1, 8),
+    max_waiting_requests=st.integers(0, 8),
     max_waiting_tokens=st.integers(20, 200),
     group_window_s=st.sampled_from([0.0, 0.0, 0.7]),
 )
@@ -660,6 +671,8 @@ def test_invariants_hold_after_any_sequence_of_operations(
             if rejected is None:
                 model.waiting[eid] = cost
             else:
+                # never turned away while a slot is free for it
+                assert len(model.running) + len(model.waiting) >= max_in_flight
                 assert 1 <= rejected.retry_after_s <= 60
                 assert state.waiting_tokens == before
                 if rejected.reason == "queue_full":
@@ -710,6 +723,8 @@ def test_invariants_hold_after_any_sequence_of_operations(
         assert not (model.gone & set(state.running))
         assert state.waiting_tokens == sum(e.cost for e in state.waiting.values())
         assert len(state.running) <= max_in_flight
-        assert len(state.waiting) <= max_waiting_requests
-        assert state.waiting_tokens <= max_waiting_tokens or len(state.waiting) == 1
+        # the waiting room exceeds its bounds only by entries that have a free slot to go to
+        free = max_in_flight - len(state.running)
+        assert len(state.waiting) <= max(max_waiting_requests, free)
+        assert state.waiting_tokens <= max_waiting_tokens or len(state.waiting) <= max(1, free)
         assert 1 <= state.retry_after(now) <= 60

@@ -120,12 +120,16 @@ class Admission:
                         retry_after_s=self.state.retry_after(now),
                     )
                 )
-        for entry in self.state.pop_ready(now):
-            waiter = self._waiters.pop(entry.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            else:  # nobody waits for it any more
-                self.state.finish(entry.id, now)
+        handed_back = True
+        while handed_back:  # a slot given to a waiter that already left is offered again
+            handed_back = False
+            for entry in self.state.pop_ready(now):
+                waiter = self._waiters.pop(entry.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                else:  # cancelled in this same loop turn: nobody waits for it any more
+                    self.state.unadmit(entry.id)
+                    handed_back = True
         self._schedule_wakeup(now)
 
     def _schedule_wakeup(self, now: float) -> None:
@@ -133,7 +137,7 @@ class Admission:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        times = [t for t in (self.state.next_deadline(), self.state.next_wakeup()) if t]
+        times = [t for t in (self.state.next_deadline(), self.state.next_wakeup()) if t is not None]
         if times:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(min(times) - now, 0.0) + 1e-3, self._dispatch)

@@ -66,10 +66,18 @@ class QueueState:
     _finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     def offer(self, entry: Entry, now: float) -> Rejected | None:
-        """Queue ``entry``, or say why not. Queued entries leave through ``pop_ready``."""
-        if len(self.waiting) >= self.limits.max_waiting_requests:
+        """Queue ``entry``, or say why not. Queued entries leave through ``pop_ready``.
+
+        The waiting-room bounds apply only to entries that will really wait: one for which a
+        slot is free now is always taken, even with ``max_waiting_requests: 0``."""
+        will_wait = len(self.running) + len(self.waiting) >= self.limits.max_in_flight
+        if will_wait and len(self.waiting) >= self.limits.max_waiting_requests:
             return Rejected("queue_full", self.retry_after(now))
-        if self.waiting and self.waiting_tokens + entry.cost > self.limits.max_waiting_tokens:
+        if (
+            will_wait
+            and self.waiting
+            and self.waiting_tokens + entry.cost > self.limits.max_waiting_tokens
+        ):
             return Rejected("queue_tokens_full", self.retry_after(now))
         start = max(self._virtual_time, self._tenant_finish.get(entry.tenant, 0.0))
         entry.finish_tag = start + entry.cost / max(entry.weight, 1e-9)
@@ -117,6 +125,11 @@ class QueueState:
         """A running entry ended (any way at all): its slot is free again."""
         if self.running.pop(entry_id, None) is not None:
             self._finished_at.append(now)
+
+    def unadmit(self, entry_id: str) -> None:
+        """Free the slot of an entry dispatched to nobody (its waiter left): not a finish, so
+        it does not count towards the drain rate."""
+        self.running.pop(entry_id, None)
 
     def expired(self, now: float) -> list[Entry]:
         """Remove and return the waiting entries whose deadline has passed."""
