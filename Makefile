@@ -7,7 +7,7 @@ ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
 CONFIG ?=
 
-.PHONY: install serve test lint typecheck bench clean
+.PHONY: install serve services test lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Without CONFIG: the embedded default on 127.0.0.1 with API keys off (the server says so).
+# With CONFIG: whatever it says; API keys are on unless it switches them off.
 serve: install
-	$(BIN)/llmserve serve $(if $(CONFIG),--config $(CONFIG))
+	$(BIN)/llmserve serve $(if $(CONFIG),--config $(CONFIG),--no-auth)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
@@ -32,7 +34,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy src
 
-test: lint typecheck
+# The multi-replica rate-limit tests need a real Redis server (Debian's, on loopback).
+services:
+	command -v redis-server >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q redis-server) || \
+	  (echo "install redis-server (apt-get install redis-server) to run the Redis tests" && false)
+
+test: lint typecheck services
 	$(BIN)/llmserve prepare-model
 	$(BIN)/pytest
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,11 @@ from llmserve.app import create_app
 from llmserve.config import Limits, Settings, SimulatedModel
 from llmserve.engines.registry import ModelRegistry
 from llmserve.engines.simulated import SimulatedEngine
+
+
+# The suite runs with API keys off unless a test turns them on (tests/auth does, with its own
+# keys file); servers started as subprocesses inherit this too.
+os.environ["LLMSERVE_AUTH__ENABLED"] = "false"
 
 
 def free_port() -> int:

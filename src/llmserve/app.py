@@ -14,8 +14,11 @@ from llmserve.api import openai_routes, simple_routes
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.state import Gateway
+from llmserve.auth.keys import KeyStore
+from llmserve.auth.middleware import AuthMiddleware
 from llmserve.config import Settings
 from llmserve.engines.registry import ModelRegistry
+from llmserve.limits.limiter import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +31,60 @@ def create_app(
     """Build the app. Engines load in the background so /health answers while they do;
     /ready turns 200 once every engine loaded and answers. ``on_fatal`` runs if loading fails."""
     registry = models or ModelRegistry.from_config(settings.models, settings.cache_dir)
+    # A concurrency lease outlives any request, so a crashed replica's slots expire on their own.
+    limiter = RateLimiter.from_config(settings.rate_limits, settings.limits.request_timeout_s + 60)
+    keys = _key_store(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(registry, on_fatal))
-        app.state.loading = loading
+        background = [asyncio.create_task(_load(registry, on_fatal))]
+        if keys is not None:
+            background.append(asyncio.create_task(_reload_keys(keys, settings)))
         try:
             yield
         finally:
-            loading.cancel()
-            await asyncio.gather(loading, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await registry.close()
+            await limiter.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
-    app.state.gateway = Gateway(settings=settings, models=registry)
+    app.state.gateway = Gateway(settings=settings, models=registry, limiter=limiter)
     app.include_router(openai_routes.router)
     app.include_router(simple_routes.router)
     install_error_handlers(app)
+    if keys is not None:
+        app.add_middleware(AuthMiddleware, keys=keys, public_paths=settings.auth.public_paths)
+    # Added last, so it runs first: an oversized body is refused before anything reads it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
     return app
+
+
+def _key_store(settings: Settings) -> KeyStore | None:
+    if not settings.auth.enabled:
+        log.warning(
+            "AUTHENTICATION IS OFF (auth.enabled: false): anyone who can reach %s:%d can use "
+            "every model without limits",
+            settings.host,
+            settings.port,
+        )
+        return None
+    keys = KeyStore(settings.keys_path)
+    if not len(keys):
+        log.warning(
+            "no API keys in %s: every request will get 401. Create one with "
+            "'llmserve keys create --name NAME'",
+            settings.keys_path,
+        )
+    return keys
+
+
+async def _reload_keys(keys: KeyStore, settings: Settings) -> None:
+    """Picks up created and revoked keys without a restart."""
+    while True:
+        await asyncio.sleep(settings.auth.reload_interval_s)
+        keys.reload()
 
 
 async def _load(registry: ModelRegistry, on_fatal: Callable[[], None] | None) -> None:

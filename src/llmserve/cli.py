@@ -1,4 +1,4 @@
-"""``llmserve`` command line: ``serve`` and ``prepare-model``."""
+"""``llmserve`` command line: ``serve``, ``keys`` and ``prepare-model``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from llmserve.auth import cli as keys_cli
 from llmserve.config import load_settings
 
 
@@ -19,25 +20,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML configuration file")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    serve.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="switch API keys off (the server warns loudly at start)",
+    )
     prepare = commands.add_parser(
         "prepare-model", help="prepare the embedded default model into the cache, then exit"
     )
     prepare.add_argument("--config", type=Path, help="YAML configuration file (for cache_dir)")
+    keys_cli.add_parser(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "host", None):
         overrides["host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["port"] = args.port
+    if getattr(args, "no_auth", False):
+        overrides["auth"] = {"enabled": False}
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        settings = load_settings(args.config, **overrides)
+        settings = load_settings(args.config, **_overrides(args))
     except (ValidationError, FileNotFoundError) as exc:
         print(f"llmserve: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    if args.command == "keys":
+        return keys_cli.run(args, args.keys_file or settings.keys_path)
     if args.command == "prepare-model":
         from llmserve.models.embedded import ensure_embedded_model
 

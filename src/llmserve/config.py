@@ -111,6 +111,29 @@ class Limits(_Strict):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
+class AuthConfig(_Strict):
+    """API keys. On unless switched off here, and the server says so loudly when it is."""
+
+    enabled: bool = True
+    # The keys file (hashes only); None means ``<config dir>/keys.yaml`` (see ``keys_path``).
+    keys_file: Path | None = None
+    # Routes anyone may call; every other path needs a key.
+    public_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    # How often the keys file is checked for changes (created, revoked keys apply without restart).
+    reload_interval_s: float = Field(default=2.0, gt=0)
+
+
+class RateLimitConfig(_Strict):
+    """Per-key limits state: in memory (one replica) or in Redis (several replicas)."""
+
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "llmserve:rl"
+    # When Redis cannot be reached: refuse requests with 503 (fail_closed) or serve them unlimited.
+    on_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    store_timeout_s: float = Field(default=0.5, gt=0)
+
+
 class Settings(BaseSettings):
     """The whole configuration, built once at start and passed down."""
 
@@ -130,6 +153,12 @@ class Settings(BaseSettings):
     keepalive_interval_s: float = Field(default=10.0, gt=0)
     # On SIGTERM: stop admitting, let running requests finish this long, then abort the rest.
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+
+    @property
+    def keys_path(self) -> Path:
+        return self.auth.keys_file or Path.home() / ".config" / "llmserve" / "keys.yaml"
 
     @field_validator("models")
     @classmethod

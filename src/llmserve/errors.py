@@ -100,3 +100,23 @@ class QueueFull(Overloaded):
 
 class QueueTimeout(Overloaded):
     default_code = "queue_timeout"
+
+
+class RateLimited(LLMServeError):
+    """This key's quota: come back after ``Retry-After``."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class PermissionDenied(LLMServeError):
+    status = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class LimiterUnavailable(Overloaded):
+    """The rate-limit store cannot be reached and the configured choice is to fail closed."""
+
+    default_code = "rate_limiter_unavailable"

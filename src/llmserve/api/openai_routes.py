@@ -11,8 +11,9 @@ from starlette.responses import Response
 
 from llmserve.api.body import json_body
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from llmserve.api.respond import respond_stream, respond_whole, start
+from llmserve.api.respond import authorize, respond_stream, respond_whole, start
 from llmserve.api.state import Gateway, gateway
+from llmserve.auth.principal import principal_for
 from llmserve.streaming.encoders import OpenAIStreamEncoder
 from llmserve.validation.request import GenerationRequest
 from llmserve.validation.validate import validate_chat, validate_completion
@@ -28,6 +29,7 @@ async def chat_completions(
     gw: GatewayDep,
 ) -> Response:
     engine = gw.models.get(body.model)
+    authorize(request, body.model)
     generation = await validate_chat(body, engine.codec, gw.settings.limits)
     return await _respond(request, gw, generation, body.stream, body.stream_options)
 
@@ -39,6 +41,7 @@ async def completions(
     gw: GatewayDep,
 ) -> Response:
     engine = gw.models.get(body.model)
+    authorize(request, body.model)
     generation = await validate_completion(body, engine.codec, gw.settings.limits)
     return await _respond(request, gw, generation, body.stream, body.stream_options)
 
@@ -46,18 +49,20 @@ async def completions(
 async def _respond(
     request: Request, gw: Gateway, generation: GenerationRequest, stream: bool, options: Any
 ) -> Response:
-    events = start(request, gw, generation)
+    run = await start(request, gw, generation)
     if not stream:
-        return await respond_whole(request, events, generation)
+        return await respond_whole(request, run, generation)
     encoder = OpenAIStreamEncoder(generation, bool(options and options.include_usage))
-    return await respond_stream(request, events, encoder, gw.settings.keepalive_interval_s)
+    return await respond_stream(request, run, encoder, gw.settings.keepalive_interval_s)
 
 
 @router.get("/v1/models")
-async def list_models(gw: GatewayDep) -> dict[str, Any]:
+async def list_models(request: Request, gw: GatewayDep) -> dict[str, Any]:
+    """The models this key may use."""
     created = int(time.time())
+    principal = principal_for(request)
     data = []
-    for name in gw.models.names:
+    for name in filter(principal.allows, gw.models.names):
         entry: dict[str, Any] = {
             "id": name,
             "object": "model",

@@ -4,16 +4,15 @@ A stream's status is decided before its first byte where it can be: the first en
 awaited first (for up to one keep-alive interval), so a request refused by the queue or failing
 before its first token gets a real status code. A request still waiting after that gets its
 stream opened and SSE keep-alive comments until its first event; any later error is an in-band
-SSE error event, and the stream still ends cleanly.
+SSE error event, and the stream still ends cleanly. Whatever happens, ``RequestRun.close`` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,8 +21,9 @@ from llmserve.api.errors import json_response
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.engines.events import EngineEvent
-from llmserve.errors import LLMServeError
-from llmserve.serving.run import collect, run_on_engine
+from llmserve.errors import LLMServeError, PermissionDenied
+from llmserve.serving.request_run import RequestRun
+from llmserve.serving.run import collect
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectAwareStreamingResponse, until_disconnect
 from llmserve.streaming.encoders import StreamEncoder
@@ -33,54 +33,71 @@ from llmserve.validation.request import GenerationRequest
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-Events = AsyncGenerator[EngineEvent, None]
 
 
-def start(request: Request, gw: Gateway, generation: GenerationRequest) -> Events:
-    """The request's events: admission, then the engine, with every release guaranteed."""
-    ticket = ticket_for(
-        request, generation, principal_for(request), gw.models.config(generation.model)
-    )
-    return run_on_engine(
+def authorize(request: Request, model: str) -> None:
+    """403 unless the caller's key may use ``model``."""
+    if not principal_for(request).allows(model):
+        raise PermissionDenied(f"this API key may not use the model '{model[:256]}'", param="model")
+
+
+async def start(request: Request, gw: Gateway, generation: GenerationRequest) -> RequestRun:
+    """Reserve the key's quota (429 when over it), then set up queue and engine."""
+    principal = principal_for(request)
+    ticket = ticket_for(request, generation, principal, gw.models.config(generation.model))
+    reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
+    return RequestRun(
         gw.models.get(generation.model),
         generation,
         gw.settings.limits.request_timeout_s,
         gw.models.admission(generation.model),
         ticket,
+        gw.limiter,
+        reservation,
     )
 
 
 async def respond_whole(
-    request: Request, events: Events, generation: GenerationRequest
+    request: Request, run: RequestRun, generation: GenerationRequest
 ) -> Response:
     try:
-        result = await until_disconnect(request, collect(events, generation))
+        result = await until_disconnect(request, collect(run.events, generation))
     finally:
-        await events.aclose()
-    return json_response(200, full_response(generation, result))
+        await run.close()
+    return json_response(200, full_response(generation, result), run.headers)
 
 
 async def respond_stream(
-    request: Request, events: Events, encoder: StreamEncoder, keepalive_s: float
+    request: Request, run: RequestRun, encoder: StreamEncoder, keepalive_s: float
 ) -> Response:
-    first: asyncio.Task[EngineEvent | None] = asyncio.ensure_future(anext(events, None))
+    first: asyncio.Task[EngineEvent | None] = asyncio.ensure_future(anext(run.events, None))
+
+    async def close() -> None:
+        if not first.done():
+            first.cancel()
+            await asyncio.wait({first})
+        if not first.cancelled():
+            first.exception()  # reported to the client already; mark it retrieved
+        await run.close()
+
     try:
         await until_disconnect(request, asyncio.wait({first}, timeout=keepalive_s))
         if first.done():
             first.result()  # a failure before the first byte gets its own status code
     except BaseException:
-        await _discard(first, events)
+        await close()
         raise
     return DisconnectAwareStreamingResponse(
-        _frames(first, events, encoder, keepalive_s),
+        _frames(first, run, encoder, keepalive_s),
         media_type="text/event-stream",
-        headers=SSE_HEADERS,
+        headers={**SSE_HEADERS, **run.headers},
+        on_close=close,
     )
 
 
 async def _frames(
     first: asyncio.Task[EngineEvent | None],
-    events: Events,
+    run: RequestRun,
     encoder: StreamEncoder,
     keepalive_s: float,
 ) -> AsyncIterator[bytes]:
@@ -93,7 +110,7 @@ async def _frames(
         if event is not None:
             for frame in encoder.encode(event):
                 yield frame
-            async for event in events:
+            async for event in run.events:
                 for frame in encoder.encode(event):
                     yield frame
         for frame in encoder.end():
@@ -105,16 +122,3 @@ async def _frames(
         log.exception("a stream failed after it started")
         for frame in encoder.error(LLMServeError("internal server error")):
             yield frame
-    finally:
-        await _discard(first, events)
-
-
-async def _discard(first: asyncio.Task[EngineEvent | None], events: Events) -> None:
-    """Stop the request's work, whatever state it is in; safe under cancellation."""
-    with anyio.CancelScope(shield=True):
-        if not first.done():
-            first.cancel()
-            await asyncio.wait({first})
-        if not first.cancelled():
-            first.exception()  # reported to the client already; mark it retrieved
-        await events.aclose()

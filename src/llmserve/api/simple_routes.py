@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
 from llmserve.api.body import json_body
 from llmserve.api.errors import json_response
 from llmserve.api.protocol import GenerateRequest
-from llmserve.api.respond import respond_stream, start
+from llmserve.api.respond import authorize, respond_stream, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.streaming.encoders import GenerateStreamEncoder
 from llmserve.validation.validate import validate_generate
@@ -28,10 +29,11 @@ async def generate(
 ) -> Response:
     model = body.model or gw.models.default
     engine = gw.models.get(model)
+    authorize(request, model)
     generation = await validate_generate(body, model, engine.codec, gw.settings.limits)
-    events = start(request, gw, generation)
+    run = await start(request, gw, generation)
     return await respond_stream(
-        request, events, GenerateStreamEncoder(), gw.settings.keepalive_interval_s
+        request, run, GenerateStreamEncoder(), gw.settings.keepalive_interval_s
     )
 
 
@@ -49,3 +51,9 @@ async def ready(gw: GatewayDep) -> Response:
     status = 200 if all(models.values()) else 503
     body = {"status": "ready" if status == 200 else "not ready", "models": models}
     return json_response(status, body)
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus exposition of this process's metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -8,12 +8,14 @@ from starlette.requests import Request
 
 from llmserve.config import Settings
 from llmserve.engines.registry import ModelRegistry
+from llmserve.limits.limiter import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
 class Gateway:
     settings: Settings
     models: ModelRegistry
+    limiter: RateLimiter
 
 
 def gateway(request: Request) -> Gateway:

@@ -1,34 +1,51 @@
-"""The principal: the tenant a request is queued, limited and accounted as.
-
-API keys (with names, weights and priorities from their config) are not built yet. Until they are,
-each distinct bearer token is its own tenant, so fair queueing already separates clients; requests
-without a token share the tenant "anonymous". The token itself is never kept: only a hash prefix.
-"""
+"""The principal: the tenant a request is queued, limited and accounted as."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from llmserve.auth.keys import KeyRecord
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    # The key's name: what logs and metrics show. Never the key itself.
     name: str
+    models: tuple[str, ...] = ("*",)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
     # Share of the queue relative to other tenants (weighted fair queueing).
     weight: float = 1.0
     # Priority class: lower runs first. A request may lower its own urgency, never raise it.
     priority: int = 0
 
+    def allows(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
 
+    @property
+    def limited(self) -> bool:
+        return any(limit is not None for limit in (self.rpm, self.tpm, self.max_concurrent))
+
+    @classmethod
+    def from_key(cls, record: KeyRecord) -> Principal:
+        return cls(
+            record.name,
+            record.models,
+            record.rpm,
+            record.tpm,
+            record.max_concurrent,
+            record.weight,
+            record.priority,
+        )
+
+
+# With auth switched off, every request runs as this one tenant, without limits.
 ANONYMOUS = Principal("anonymous")
 
 
 def principal_for(request: Request) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return ANONYMOUS
-    digest = hashlib.sha256(token.strip().encode()).hexdigest()[:12]
-    return Principal(f"token-{digest}")
+    principal = request.scope.get("state", {}).get("principal")
+    return principal if isinstance(principal, Principal) else ANONYMOUS

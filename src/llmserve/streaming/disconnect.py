@@ -6,7 +6,7 @@ A disconnect cancels the work in hand; the engine request is then aborted by ``s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import anyio
@@ -58,17 +58,31 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
     on the next failed send, which can be minutes away while a request waits in a queue.
     """
 
+    def __init__(
+        self,
+        content: AsyncIterable[bytes],
+        *,
+        media_type: str,
+        headers: Mapping[str, str],
+        on_close: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream() -> None:
-                # A connection broken while sending is the same as a disconnect.
-                with contextlib.suppress(OSError):
-                    await self.stream_response(send)
+                async def stream() -> None:
+                    # A connection broken while sending is the same as a disconnect.
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await wait_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(stream)
-            await wait_for_disconnect(receive)
-            group.cancel_scope.cancel()
-        if self.background is not None:
-            await self.background()
+        finally:
+            # Runs even when the body never started (a disconnect before the first send).
+            with anyio.CancelScope(shield=True):
+                await self._on_close()

@@ -1,0 +1,115 @@
+"""Reserve a request's quota before it may queue, and refund the unused part when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+import anyio
+
+from llmserve.auth.principal import Principal
+from llmserve.config import RateLimitConfig
+from llmserve.errors import LimiterUnavailable, RateLimited
+from llmserve.limits.headers import rate_limit_headers
+from llmserve.limits.redis_store import RedisStore
+from llmserve.limits.store import LimitStore, MemoryStore
+from llmserve.observability.metrics import (
+    RATE_LIMIT_STORE_ERRORS,
+    RATE_LIMIT_STORE_UP,
+    REJECTIONS,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    principal: Principal
+    request_id: str
+    cost: int
+    headers: dict[str, str]
+
+
+class RateLimiter:
+    def __init__(self, store: LimitStore, config: RateLimitConfig) -> None:
+        self._store = store
+        self._config = config
+
+    @classmethod
+    def from_config(cls, config: RateLimitConfig, lease_s: float) -> RateLimiter:
+        if config.store == "redis":
+            store: LimitStore = RedisStore(
+                config.redis_url, config.key_prefix, lease_s, config.store_timeout_s
+            )
+        else:
+            store = MemoryStore()
+        return cls(store, config)
+
+    async def reserve(self, principal: Principal, cost: int, request_id: str) -> Reservation | None:
+        """Take the request's quota, or raise RateLimited (429). None: nothing to account."""
+        if not principal.limited:
+            return None
+        if principal.tpm is not None and cost > principal.tpm:
+            REJECTIONS.labels("tokens_exceed_limit", principal.name).inc()
+            raise RateLimited(
+                f"this request may use {cost} tokens (prompt + max_tokens * n), more than the "
+                f"key's limit of {principal.tpm} tokens per minute; lower max_tokens",
+                code="tokens_exceed_limit",
+            )
+        try:
+            async with asyncio.timeout(self._config.store_timeout_s * 2):
+                decision = await self._store.reserve(principal, cost, request_id)
+        except Exception as exc:
+            self._store_failed(exc)
+            return None
+        RATE_LIMIT_STORE_UP.set(1)
+        headers = rate_limit_headers(decision.snapshot)
+        if not decision.allowed:
+            REJECTIONS.labels(f"rate_limit_{decision.reason}", principal.name).inc()
+            retry = max(1, math.ceil(decision.retry_after_s))
+            raise RateLimited(
+                f"rate limit reached for key '{principal.name}' ({_what(decision.reason)}); "
+                f"retry after {retry} s",
+                headers={**headers, "Retry-After": str(retry)},
+            )
+        return Reservation(principal, request_id, cost, headers)
+
+    async def release(self, reservation: Reservation | None, used_tokens: int) -> None:
+        """Free the concurrency slot and refund the tokens reserved but not used. Never raises."""
+        if reservation is None:
+            return
+        refund = max(reservation.cost - used_tokens, 0)
+        with anyio.CancelScope(shield=True):
+            try:
+                async with asyncio.timeout(self._config.store_timeout_s * 2):
+                    await self._store.release(reservation.principal, reservation.request_id, refund)
+            except Exception as exc:
+                # The concurrency lease expires on its own in Redis; tokens refill with time.
+                RATE_LIMIT_STORE_ERRORS.labels("release_failed").inc()
+                RATE_LIMIT_STORE_UP.set(0)
+                log.warning("rate-limit release failed for %s: %s", reservation.request_id, exc)
+
+    def _store_failed(self, exc: Exception) -> None:
+        RATE_LIMIT_STORE_UP.set(0)
+        if self._config.on_store_error == "fail_open":
+            RATE_LIMIT_STORE_ERRORS.labels("fail_open").inc()
+            log.warning("rate-limit store unreachable, serving without limits: %s", exc)
+            return
+        RATE_LIMIT_STORE_ERRORS.labels("fail_closed").inc()
+        log.error("rate-limit store unreachable, refusing requests: %s", exc)
+        raise LimiterUnavailable(
+            "the rate limiter is unavailable; retry shortly", retry_after_s=5
+        ) from exc
+
+    async def close(self) -> None:
+        await self._store.close()
+
+
+def _what(reason: str) -> str:
+    return {
+        "requests": "requests per minute",
+        "tokens": "tokens per minute",
+        "concurrency": "concurrent requests",
+    }.get(reason, reason)
