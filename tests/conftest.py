@@ -18,7 +18,6 @@ from llmserve.config import Limits, Settings, SimulatedModel
 from llmserve.engines.registry import ModelRegistry
 from llmserve.engines.simulated import SimulatedEngine
 
-
 # The suite runs with API keys off unless a test turns them on (tests/auth does, with its own
 # keys file); servers started as subprocesses inherit this too.
 os.environ["LLMSERVE_AUTH__ENABLED"] = "false"

@@ -107,7 +107,14 @@ async def open_streams(
         asyncio.create_task(stream_request(client, PATH, body, on_first_data=first))
         for first in firsts
     ]
-    await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(first.is_set() for first in firsts):
+        for task in tasks:
+            if task.done():  # ended before its first token: refused, or broken
+                result = task.result()
+                raise AssertionError(f"a stream ended early: {result.status} {result.body!r}")
+        assert time.monotonic() < deadline, "the streams did not start"
+        await asyncio.sleep(0.02)
     return tasks
 
 
