@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -42,10 +43,17 @@ class Principal:
         )
 
 
-# With auth switched off, every request runs as this one tenant, without limits.
+# With auth switched off, requests without a bearer token share this tenant, without limits.
 ANONYMOUS = Principal("anonymous")
 
 
 def principal_for(request: Request) -> Principal:
+    """The authenticated key's principal; with auth off, a tenant per distinct bearer token (a
+    hash prefix, never the token), so fair queueing still separates clients."""
     principal = request.scope.get("state", {}).get("principal")
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    if isinstance(principal, Principal):
+        return principal
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ANONYMOUS
+    return Principal("token-" + hashlib.sha256(token.strip().encode()).hexdigest()[:12])
