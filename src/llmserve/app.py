@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from llmserve import __version__
 from llmserve.api import openai_routes, simple_routes
@@ -19,6 +20,8 @@ from llmserve.auth.middleware import AuthMiddleware
 from llmserve.config import Settings
 from llmserve.engines.registry import ModelRegistry
 from llmserve.limits.limiter import RateLimiter
+from llmserve.observability.collectors import GpuCollector, QueueCollector
+from llmserve.observability.logs import AccessLogMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +53,20 @@ def create_app(
             await limiter.close()
 
     app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
-    app.state.gateway = Gateway(settings=settings, models=registry, limiter=limiter)
+    collectors = CollectorRegistry(auto_describe=True)
+    collectors.register(QueueCollector(registry))
+    collectors.register(GpuCollector())
+    app.state.gateway = Gateway(
+        settings=settings, models=registry, limiter=limiter, metrics=collectors
+    )
     app.include_router(openai_routes.router)
     app.include_router(simple_routes.router)
     install_error_handlers(app)
     if keys is not None:
         app.add_middleware(AuthMiddleware, keys=keys, public_paths=settings.auth.public_paths)
-    # Added last, so it runs first: an oversized body is refused before anything reads it.
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    # Added last, so it runs first: every answer, refusals included, gets an id and a log line.
+    app.add_middleware(AccessLogMiddleware, enabled=settings.observability.access_log)
     return app
 
 

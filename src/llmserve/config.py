@@ -134,6 +134,15 @@ class RateLimitConfig(_Strict):
     store_timeout_s: float = Field(default=0.5, gt=0)
 
 
+class ObservabilityConfig(_Strict):
+    # OTLP/HTTP collector base URL (e.g. http://otel-collector:4318); None turns tracing off.
+    otlp_endpoint: str | None = None
+    service_name: str = "llmserve"
+    # json: one JSON object per line (access lines included); text: for a terminal.
+    log_format: Literal["json", "text"] = "text"
+    access_log: bool = True
+
+
 class Settings(BaseSettings):
     """The whole configuration, built once at start and passed down."""
 
@@ -154,6 +163,7 @@ class Settings(BaseSettings):
     # On SIGTERM: stop admitting, let running requests finish this long, then abort the rest.
     drain_timeout_s: float = Field(default=30.0, ge=0)
     auth: AuthConfig = AuthConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
 
     @property

@@ -15,6 +15,7 @@ import uvicorn
 from llmserve.app import create_app
 from llmserve.config import Settings
 from llmserve.engines.registry import ModelRegistry
+from llmserve.observability import logs, tracing
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     """Serve until stopped; returns the process exit code (1 if an engine failed to load)."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.observability.log_format)
+    tracing.setup(settings.observability.otlp_endpoint, settings.observability.service_name)
     failed = False
     server: uvicorn.Server | None = None
 
@@ -91,7 +89,8 @@ def serve(settings: Settings) -> int:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         log_level=settings.log_level,
-        access_log=False,
+        log_config=None,  # ours (logs.configure): JSON lines when asked, uvicorn's included
+        access_log=False,  # ours is richer: key, model, tokens, outcome
         timeout_keep_alive=30,
         timeout_graceful_shutdown=_CANCEL_GRACE_S,
     )

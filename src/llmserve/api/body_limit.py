@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmserve.api.errors import error_body, json_response
+from llmserve.api.errors import count_rejection, error_body, json_response
 from llmserve.errors import BodyTooLarge
 
 
@@ -22,6 +22,7 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
+            count_rejection("validation", "unauthenticated")
             response = json_response(413, self._body())
             await response(scope, receive, send)
             return

@@ -13,7 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from llmserve.auth.principal import principal_for
 from llmserve.errors import LLMServeError
+from llmserve.observability.metrics import REJECTIONS
+from llmserve.observability.reasons import reason_for
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,19 @@ def json_response(
     return Response(orjson.dumps(body), status, headers, media_type="application/json")
 
 
-async def _llmserve_error(_: Request, exc: Exception) -> Response:
+def count_rejection(reason: str, key: str) -> None:
+    REJECTIONS.labels(reason, key).inc()
+
+
+async def _llmserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LLMServeError)
+    count_rejection(reason_for(exc), principal_for(request).name)
     return json_response(exc.status, body_for(exc), exc.headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    count_rejection("validation", principal_for(request).name)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
@@ -61,13 +70,15 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     return json_response(400, body)
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    count_rejection("validation", principal_for(request).name)
     error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
     return json_response(exc.status_code, error_body(str(exc.detail), error_type), exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    count_rejection("internal", principal_for(request).name)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return json_response(500, error_body("internal server error", "server_error"))
 

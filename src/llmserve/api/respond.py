@@ -22,6 +22,7 @@ from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.engines.events import EngineEvent
 from llmserve.errors import LLMServeError, PermissionDenied
+from llmserve.observability.request_metrics import RequestRecord
 from llmserve.serving.request_run import RequestRun
 from llmserve.serving.run import collect
 from llmserve.streaming import sse
@@ -46,6 +47,9 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
     principal = principal_for(request)
     ticket = ticket_for(request, generation, principal, gw.models.config(generation.model))
     reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
+    record = RequestRecord(generation, principal.name)
+    record.start_span(dict(request.headers))
+    request.scope.setdefault("state", {})["record"] = record  # for the access line
     return RequestRun(
         gw.models.get(generation.model),
         generation,
@@ -54,6 +58,7 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
         ticket,
         gw.limiter,
         reservation,
+        record,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -54,6 +54,7 @@ async def ready(gw: GatewayDep) -> Response:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
-    """Prometheus exposition of this process's metrics."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(gw: GatewayDep) -> Response:
+    """Prometheus exposition: llmserve's and vLLM's metrics, then the scrape-time gauges."""
+    body = generate_latest(REGISTRY) + generate_latest(gw.metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

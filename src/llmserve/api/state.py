@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
 from llmserve.config import Settings
@@ -16,6 +17,8 @@ class Gateway:
     settings: Settings
     models: ModelRegistry
     limiter: RateLimiter
+    # This app's scrape-time collectors (queues, GPUs); counters live in the default registry.
+    metrics: CollectorRegistry
 
 
 def gateway(request: Request) -> Gateway:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmserve.api.errors import error_body, json_response
+from llmserve.api.errors import count_rejection, error_body, json_response
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.principal import Principal
 
@@ -43,6 +43,7 @@ def _bearer(scope: Scope) -> str | None:
 
 
 async def _deny(scope: Scope, receive: Receive, send: Send, message: str) -> None:
+    count_rejection("auth", "unauthenticated")
     body = error_body(message, "authentication_error", code="invalid_api_key")
     response = json_response(401, body, {"WWW-Authenticate": "Bearer"})
     await response(scope, receive, send)

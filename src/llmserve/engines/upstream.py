@@ -104,7 +104,9 @@ class UpstreamEngine:
         first_token_by = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
         try:
             async with asyncio.timeout_at(first_token_by):
-                response = await self._client().post(path, json=self._body(request))
+                response = await self._client().post(
+                    path, json=self._body(request), headers=dict(request.trace_headers)
+                )
         except aiohttp.ClientError as exc:  # before TimeoutError: connect timeouts are both
             raise EngineUnavailable(
                 f"the upstream engine is unreachable ({type(exc).__name__})"

@@ -15,11 +15,7 @@ from llmserve.errors import LimiterUnavailable, RateLimited
 from llmserve.limits.headers import rate_limit_headers
 from llmserve.limits.redis_store import RedisStore
 from llmserve.limits.store import LimitStore, MemoryStore
-from llmserve.observability.metrics import (
-    RATE_LIMIT_STORE_ERRORS,
-    RATE_LIMIT_STORE_UP,
-    REJECTIONS,
-)
+from llmserve.observability.metrics import RATE_LIMIT_STORE_ERRORS, RATE_LIMIT_STORE_UP
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +48,6 @@ class RateLimiter:
         if not principal.limited:
             return None
         if principal.tpm is not None and cost > principal.tpm:
-            REJECTIONS.labels("tokens_exceed_limit", principal.name).inc()
             raise RateLimited(
                 f"this request may use {cost} tokens (prompt + max_tokens * n), more than the "
                 f"key's limit of {principal.tpm} tokens per minute; lower max_tokens",
@@ -67,7 +62,6 @@ class RateLimiter:
         RATE_LIMIT_STORE_UP.set(1)
         headers = rate_limit_headers(decision.snapshot)
         if not decision.allowed:
-            REJECTIONS.labels(f"rate_limit_{decision.reason}", principal.name).inc()
             retry = max(1, math.ceil(decision.retry_after_s))
             raise RateLimited(
                 f"rate limit reached for key '{principal.name}' ({_what(decision.reason)}); "

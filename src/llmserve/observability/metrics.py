@@ -1,19 +1,63 @@
-"""Prometheus metrics. Labels are bounded: model, key name, reason; never keys or prompts."""
+"""Prometheus metrics. Labels are bounded: model, key name, status and reason enums; never
+keys, prompts or request ids. Counters and histograms live in the default registry (beside
+vLLM's own ``vllm:*`` metrics in in-process mode); gauges are read at scrape time from the live
+queue state by ``collectors.py``."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
+# LLM latencies run from milliseconds (a token) to minutes (a long generation in a full queue).
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+PROMPT_TOKENS = Counter(
+    "llmserve_prompt_tokens", "Prompt tokens of finished requests.", ["model", "key"]
+)
+GENERATION_TOKENS = Counter(
+    "llmserve_generation_tokens", "Generated tokens (rate() gives tokens/s).", ["model", "key"]
+)
+REQUESTS = Counter(
+    "llmserve_requests",
+    "Requests that reached the engine pipeline, by how they ended.",
+    ["model", "key", "status"],
+)
+REJECTIONS = Counter(
+    "llmserve_rejections",
+    "Requests answered with an error status before any response byte, by reason.",
+    ["reason", "key"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llmserve_time_to_first_token_seconds",
+    "From the request's arrival to its first token (queue wait included).",
+    ["model"],
+    buckets=_TTFT_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "llmserve_inter_token_latency_seconds",
+    "Between consecutive token deltas of a stream.",
+    ["model"],
+    buckets=_ITL_BUCKETS,
+)
+REQUEST_DURATION = Histogram(
+    "llmserve_request_duration_seconds",
+    "End-to-end latency of requests that reached the engine pipeline.",
+    ["model"],
+    buckets=_E2E_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "llmserve_queue_wait_seconds",
+    "Time admitted requests spent in the gateway's queue.",
+    ["model"],
+    buckets=_QUEUE_BUCKETS,
+)
 RATE_LIMIT_STORE_ERRORS = Counter(
-    "llmserve_rate_limit_store_errors_total",
+    "llmserve_rate_limit_store_errors",
     "Rate-limit store operations that failed (e.g. Redis unreachable), by the choice applied.",
     ["outcome"],
 )
 RATE_LIMIT_STORE_UP = Gauge(
     "llmserve_rate_limit_store_up", "1 when the last rate-limit store operation succeeded."
-)
-REJECTIONS = Counter(
-    "llmserve_rejections_total",
-    "Requests refused before the engine, by reason.",
-    ["reason", "key"],
 )

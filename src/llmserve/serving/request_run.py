@@ -1,17 +1,21 @@
 """One request's run after validation: quota reserved, then queue and engine (``run_on_engine``),
-then the unused quota refunded. ``close`` ends everything exactly once and may be called from any
-exit path; the response layer calls it whatever happened, so nothing depends on the garbage
-collector finalising a generator."""
+then the unused quota refunded and the request recorded. ``close`` ends everything exactly once
+and may be called from any exit path; the response layer calls it whatever happened, so nothing
+depends on the garbage collector finalising a generator."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncGenerator
 
 import anyio
 
 from llmserve.engines.base import Engine
-from llmserve.engines.events import EngineEvent, TextDelta, UsageReport
+from llmserve.engines.events import EngineEvent
 from llmserve.limits.limiter import RateLimiter, Reservation
+from llmserve.observability.reasons import reason_for
+from llmserve.observability.request_metrics import RequestRecord
 from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.serving.run import run_on_engine
 from llmserve.validation.request import GenerationRequest
@@ -27,26 +31,36 @@ class RequestRun:
         ticket: Ticket,
         limiter: RateLimiter,
         reservation: Reservation | None,
+        record: RequestRecord,
     ) -> None:
         self._limiter = limiter
         self._reservation = reservation
-        self._prompt_tokens = generation.prompt_tokens
-        # Tokens to charge the key: the prompt, plus what was generated before the end.
-        self._used = generation.prompt_tokens
         self._closed = False
+        self.record = record
         self.headers = dict(reservation.headers) if reservation else {}
-        self._inner = run_on_engine(engine, generation, timeout_s, admission, ticket)
-        self.events = self._counted()
+        if record.trace_headers:
+            generation = dataclasses.replace(generation, trace_headers=record.trace_headers)
+        self._inner = run_on_engine(
+            engine, generation, timeout_s, admission, ticket, on_admitted=record.admitted
+        )
+        self.events = self._observed()
 
-    async def _counted(self) -> AsyncGenerator[EngineEvent, None]:
-        generated = 0
-        async for event in self._inner:
-            if isinstance(event, TextDelta):
-                generated += event.num_tokens
-                self._used = self._prompt_tokens + generated
-            elif isinstance(event, UsageReport):
-                self._used = event.prompt_tokens + event.completion_tokens
-            yield event
+    async def _observed(self) -> AsyncGenerator[EngineEvent, None]:
+        try:
+            async for event in self._inner:
+                self.record.observe(event)
+                yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            self.record.status = "disconnect"
+            raise
+        except Exception as exc:
+            self.record.status = reason_for(exc)
+            raise
+
+    @property
+    def used_tokens(self) -> int:
+        """What the key is charged: the prompt, plus what was generated before the end."""
+        return self.record.generation.prompt_tokens + self.record.completion_tokens
 
     async def close(self) -> None:
         if self._closed:
@@ -55,4 +69,5 @@ class RequestRun:
         with anyio.CancelScope(shield=True):
             await self.events.aclose()
             await self._inner.aclose()
-            await self._limiter.release(self._reservation, self._used)
+            await self._limiter.release(self._reservation, self.used_tokens)
+            self.record.finish()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -37,13 +37,16 @@ async def run_on_engine(
     timeout_s: float,
     admission: Admission | None = None,
     ticket: Ticket | None = None,
+    on_admitted: Callable[[float], None] | None = None,
 ) -> AsyncGenerator[EngineEvent, None]:
     """Events of one engine request: admitted first (when ``admission`` is given), aborted on
     any early exit, bounded by ``timeout_s`` (queue wait included), its slot always released."""
     deadline = time.monotonic() + timeout_s
     with contextlib.ExitStack() as stack:
         if admission is not None and ticket is not None:
-            stack.enter_context(await admission.acquire(ticket))
+            permit = stack.enter_context(await admission.acquire(ticket))
+            if on_admitted is not None:
+                on_admitted(permit.waited_s)
         # aclosing: an early exit here must close (and so abort) the engine request at once,
         # not whenever the garbage collector finalises the inner generator.
         async with contextlib.aclosing(

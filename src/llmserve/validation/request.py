@@ -48,3 +48,5 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     # Scheduling class, lower first (admission, and vLLM's priority scheduling where enabled).
     priority: int = 0
+    # W3C trace context to pass to an upstream engine (traceparent, tracestate).
+    trace_headers: tuple[tuple[str, str], ...] = ()
