@@ -157,8 +157,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "llmserve"
     models: list[ModelConfig] = Field(default_factory=lambda: [_embedded()], min_length=1)
     limits: Limits = Limits()
-    # A streaming request with no event for this long gets an SSE comment (queue waits, long
-    # prefills), so proxies and clients do not time it out.
+    # A streaming request still waiting for its first event after this long (in the queue, or
+    # in a long prefill) gets its stream opened and an SSE comment every interval, so proxies
+    # and clients do not time it out. Gaps between tokens get none.
     keepalive_interval_s: float = Field(default=10.0, gt=0)
     # On SIGTERM: stop admitting, let running requests finish this long, then abort the rest.
     drain_timeout_s: float = Field(default=30.0, ge=0)

@@ -83,10 +83,6 @@ class StreamResult:
     ended: float = 0.0  # when the body ended or broke off (monotonic)
 
     @property
-    def comments(self) -> list[tuple[float, str]]:
-        return [(t, f) for t, f in self.frames if f.startswith(":")]
-
-    @property
     def data(self) -> list[tuple[float, str]]:
         return [(t, f.removeprefix("data: ")) for t, f in self.frames if f.startswith("data:")]
 
@@ -99,17 +95,9 @@ class StreamResult:
         return bool(self.data) and self.data[-1][1] == "[DONE]"
 
     @property
-    def text(self) -> str:
-        return "".join(c["choices"][0].get("text") or "" for c in self.chunks if c.get("choices"))
-
-    @property
     def token_chunks(self) -> int:
         """Chunks carrying generated text (the simulated engine sends one token per chunk)."""
         return sum(1 for c in self.chunks if c.get("choices") and c["choices"][0].get("text"))
-
-    @property
-    def first_data_at(self) -> float | None:
-        return self.data[0][0] if self.data else None
 
 
 def retry_after(headers: httpx.Headers) -> int:

@@ -110,7 +110,7 @@ async def test_streaming_burst_rejects_with_a_status_before_any_stream_byte() ->
             assert result.done
             assert result.error is None
         # Rejected at once (~0.1 s; 1 s allows for a loaded machine), long before any admitted
-        # stream could end, and before a waiting one even got its status line.
+        # stream could end. The three waiting streams get their status only once a slot frees.
         latest_rejection = max(r.ended for r in rejected) - start
         assert latest_rejection < 1.0
         assert latest_rejection < min(r.ended for r in served) - start - 0.2
@@ -283,8 +283,8 @@ async def test_a_queued_stream_gets_keepalive_comments_then_its_tokens() -> None
 
 # --- nothing leaks -----------------------------------------------------------------------------
 
-# "mix": one slot, two waiting places. "tok": one slot, 40 waiting tokens (a 5-token request
-# costs 2 prompt tokens + 5).
+# "mix": one slot, two waiting places. "tok": one slot, 40 waiting tokens; a request costs its
+# prompt + max_tokens, so one 20-token request may wait there, a second may not.
 MIX = model("mix", tokens_per_second=20, max_in_flight=1, max_waiting_requests=2)
 TOK = model("tok", tokens_per_second=50, max_in_flight=1, max_waiting_tokens=40)
 
@@ -400,16 +400,6 @@ async def test_a_zero_waiting_room_still_serves_while_slots_are_free() -> None:
 DEADLINE = model("deadline", tokens_per_second=20, max_in_flight=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: limits.request_timeout_s does not bound the queue wait. run_on_engine computes the "
-        "deadline but awaits admission.acquire() unbounded; the ticket's timeout is only the "
-        "model's queue_timeout_s (api/admit.py), so a queued request outlives its request "
-        "timeout until it is dispatched (then fail_after(0) starts and aborts it on the engine) "
-        "or until queue_timeout_s passes"
-    ),
-)
 async def test_the_request_timeout_ends_a_request_still_waiting_in_the_queue() -> None:
     request_timeout_s = 1.0
     feed_for_s = 3.0

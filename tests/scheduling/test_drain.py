@@ -52,6 +52,9 @@ async def llmserve(
     config = tmp_path / "llmserve.yaml"
     config.write_text(
         "log_level: warning\n"
+        # API keys are not what these tests are about (tests/auth covers them).
+        "auth:\n"
+        "  enabled: false\n"
         f"cache_dir: {tmp_path / 'cache'}\n"
         f"drain_timeout_s: {drain_timeout_s}\n"
         "models:\n"
@@ -63,6 +66,7 @@ async def llmserve(
         f"      max_in_flight: {max_in_flight}\n"
     )
     port = free_port()
+    # Only this file configures the server (conftest's LLMSERVE_* overrides are repeated in it).
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -87,7 +87,7 @@ async def queue_in_order(
     for body in bodies:
         queued = admission.queued
         tasks.append(asyncio.create_task(client.post(path, json=body)))
-        await eventually(lambda n=queued: admission.queued == n + 1)  # type: ignore[misc]
+        await eventually(lambda n=queued: admission.queued == n + 1)
     return tasks
 
 

@@ -16,15 +16,20 @@ QUEUE_TIMEOUT_HEADER = "x-queue-timeout"
 
 
 def ticket_for(
-    request: Request, generation: GenerationRequest, principal: Principal, model: ModelConfig
+    request: Request,
+    generation: GenerationRequest,
+    principal: Principal,
+    model: ModelConfig,
+    request_timeout_s: float,
 ) -> Ticket:
+    """``request_timeout_s`` bounds the queue wait too: it covers queue and generation."""
     sampling = generation.sampling
     return Ticket(
         request_id=generation.request_id,
         tenant=principal.name,
         cost=generation.prompt_tokens + sampling.max_tokens * sampling.n,
         prompt_tokens=generation.prompt_tokens,
-        timeout_s=_queue_timeout(request, model.admission.queue_timeout_s),
+        timeout_s=_queue_timeout(request, min(model.admission.queue_timeout_s, request_timeout_s)),
         weight=principal.weight,
         priority=max(principal.priority, generation.priority),
     )

@@ -45,7 +45,13 @@ def authorize(request: Request, model: str) -> None:
 async def start(request: Request, gw: Gateway, generation: GenerationRequest) -> RequestRun:
     """Reserve the key's quota (429 when over it), then set up queue and engine."""
     principal = principal_for(request)
-    ticket = ticket_for(request, generation, principal, gw.models.config(generation.model))
+    ticket = ticket_for(
+        request,
+        generation,
+        principal,
+        gw.models.config(generation.model),
+        gw.settings.limits.request_timeout_s,
+    )
     reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
     record = RequestRecord(generation, principal.name)
     record.start_span(dict(request.headers))
