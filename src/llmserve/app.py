@@ -20,7 +20,8 @@ from llmserve.auth.middleware import AuthMiddleware
 from llmserve.config import Settings
 from llmserve.engines.registry import ModelRegistry
 from llmserve.limits.limiter import RateLimiter
-from llmserve.observability.collectors import GpuCollector, QueueCollector
+from llmserve.observability.collectors import QueueCollector
+from llmserve.observability.gpu import GpuCollector
 from llmserve.observability.logs import AccessLogMiddleware
 
 log = logging.getLogger(__name__)
