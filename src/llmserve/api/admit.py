@@ -26,7 +26,7 @@ def ticket_for(
     sampling = generation.sampling
     return Ticket(
         request_id=generation.request_id,
-        tenant=principal.name,
+        tenant=principal.tenant,
         cost=generation.prompt_tokens + sampling.max_tokens * sampling.n,
         prompt_tokens=generation.prompt_tokens,
         timeout_s=_queue_timeout(request, min(model.admission.queue_timeout_s, request_timeout_s)),

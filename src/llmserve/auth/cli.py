@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from llmserve.auth.keys import KeyRecord, hash_key, new_key, read_keys, write_keys
 
@@ -56,8 +59,8 @@ def run(args: argparse.Namespace, path: Path) -> int:
         print(f"an active key named {args.name!r} exists; revoke it first or pick another name")
         return 1
     key = new_key()
-    keys.keys.append(
-        KeyRecord(
+    try:
+        record = KeyRecord(
             name=args.name,
             hash=hash_key(key),
             hint=key[:16],
@@ -69,7 +72,11 @@ def run(args: argparse.Namespace, path: Path) -> int:
             weight=args.weight,
             expires=args.expires,
         )
-    )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"llmserve keys: invalid key settings: {problems}", file=sys.stderr)
+        return 2
+    keys.keys.append(record)
     write_keys(path, keys)
     print(key)
     return 0

@@ -91,16 +91,17 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._by_hash: dict[str, KeyRecord] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
         self.reload()
 
     def reload(self) -> bool:
         """Re-read the file if it changed; a broken file keeps the previous keys (and says so)."""
         try:
             stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            # The inode and ctime catch atomic replaces and copies that keep the mtime.
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         except FileNotFoundError:
-            stamp = (0, 0)
+            stamp = (0, 0, 0, 0)
         if stamp == self._stamp:
             return False
         try:

@@ -18,10 +18,16 @@ class AuthMiddleware:
         self.public = frozenset(public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         presented = _bearer(scope)
+        if scope["type"] == "websocket":
+            if presented is None or self.keys.lookup(presented) is None:
+                await send({"type": "websocket.close", "code": 1008})  # policy violation
+                return
+            await self.app(scope, receive, send)
+            return
         if presented is None:
             await _deny(scope, receive, send, "missing API key: send 'Authorization: Bearer KEY'")
             return

@@ -22,6 +22,12 @@ class Principal:
     weight: float = 1.0
     # Priority class: lower runs first. A request may lower its own urgency, never raise it.
     priority: int = 0
+    # Who shares a queue fairly with whom; the key's name unless auth is off (see below).
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tenant:
+            object.__setattr__(self, "tenant", self.name)
 
     def allows(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -48,12 +54,14 @@ ANONYMOUS = Principal("anonymous")
 
 
 def principal_for(request: Request) -> Principal:
-    """The authenticated key's principal; with auth off, a tenant per distinct bearer token (a
-    hash prefix, never the token), so fair queueing still separates clients."""
+    """The authenticated key's principal. With auth off, every request is "anonymous" in logs
+    and metrics (bounded labels), but each distinct bearer token is its own queue tenant (a hash
+    prefix, never the token), so fair queueing still separates clients."""
     principal = request.scope.get("state", {}).get("principal")
     if isinstance(principal, Principal):
         return principal
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return ANONYMOUS
-    return Principal("token-" + hashlib.sha256(token.strip().encode()).hexdigest()[:12])
+    digest = hashlib.sha256(token.strip().encode()).hexdigest()[:12]
+    return Principal(ANONYMOUS.name, tenant=f"token-{digest}")

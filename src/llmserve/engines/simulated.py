@@ -57,6 +57,7 @@ class SimulatedEngine:
         self._interval = 1.0 / config.tokens_per_second
         self.active: set[str] = set()
         self.started: set[str] = set()
+        self._stopping: set[str] = set()
         self.aborted: list[str] = []
         self.completed: list[str] = []
         self._healthy = True
@@ -74,9 +75,11 @@ class SimulatedEngine:
         try:
             async for event in self._run(request):
                 yield event
-            self.completed.append(request.request_id)
+            if request.request_id not in self._stopping:
+                self.completed.append(request.request_id)
         finally:
             self.active.discard(request.request_id)
+            self._stopping.discard(request.request_id)
 
     async def _run(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         sampling = request.sampling
@@ -88,6 +91,8 @@ class SimulatedEngine:
         for step in range(sampling.max_tokens):
             if step:
                 await asyncio.sleep(self._interval)
+            if request.request_id in self._stopping:
+                return  # aborted while the consumer was not looking (a deadline, say)
             for index in range(sampling.n):
                 if finished[index]:
                     continue
@@ -111,6 +116,8 @@ class SimulatedEngine:
         # was already closed by the cancellation that caused the abort.
         if request_id in self.started and request_id not in self.completed:
             self.aborted.append(request_id)
+            if request_id in self.active:
+                self._stopping.add(request_id)
 
     async def check_health(self) -> bool:
         return self._healthy

@@ -166,10 +166,26 @@ class UpstreamEngine:
         """Parse the upstream's SSE. ``deadline`` is for the next token: comments and blank
         lines do not move it, so an upstream that only sends keep-alives still times out."""
         loop = asyncio.get_running_loop()
+        silence = _Silence(loop, deadline, response)
+        try:
+            async for event in self._parse(response, chat, silence):
+                silence.move(loop.time() + self._config.between_tokens_timeout_s)
+                yield event
+        except (aiohttp.ClientError, EngineFailure):
+            if silence.expired:
+                raise TimeoutError from None  # reported as EngineTimeout by generate
+            raise
+        finally:
+            silence.cancel()
+
+    async def _parse(
+        self, response: aiohttp.ClientResponse, chat: bool, silence: _Silence
+    ) -> AsyncGenerator[EngineEvent, None]:
         while True:
-            async with asyncio.timeout_at(deadline):
-                raw = await response.content.readline()
+            raw = await response.content.readline()
             if not raw:
+                if silence.expired:
+                    raise TimeoutError
                 raise EngineFailure("the upstream stream ended without [DONE]")
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -182,13 +198,12 @@ class UpstreamEngine:
             except orjson.JSONDecodeError as exc:
                 raise EngineFailure("the upstream engine sent a malformed event") from exc
             for event in _chunk_events(chunk, chat):
-                deadline = loop.time() + self._config.between_tokens_timeout_s
                 yield event
 
     async def abort(self, request_id: str) -> None:
         response = self._open.pop(request_id, None)
         if response is not None:
-            response.close()
+            _interrupt(response, aiohttp.ClientConnectionError("aborted"))
 
     async def check_health(self) -> bool:
         try:
@@ -201,6 +216,46 @@ class UpstreamEngine:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _Silence:
+    """Closes the upstream response when no token arrives before ``deadline``. Each token moves
+    the deadline with one float store; the timer re-arms itself lazily when it fires early, so a
+    stream costs one timer, not one per token."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, response: aiohttp.ClientResponse
+    ) -> None:
+        self.deadline = deadline
+        self.expired = False
+        self._loop = loop
+        self._response = response
+        self._armed_at = deadline
+        self._handle = loop.call_at(deadline, self._check)
+
+    def move(self, deadline: float) -> None:
+        self.deadline = deadline
+        if deadline < self._armed_at:  # earlier than the timer: re-arm (the first token, once)
+            self._handle.cancel()
+            self._armed_at = deadline
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        if self._loop.time() < self.deadline:
+            self._armed_at = self.deadline
+            self._handle = self._loop.call_at(self.deadline, self._check)
+            return
+        self.expired = True
+        _interrupt(self._response, TimeoutError())
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
+    """Close the upstream stream and wake a reader blocked on it (closing alone does not)."""
+    response.content.set_exception(exc)
+    response.close()
 
 
 def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:

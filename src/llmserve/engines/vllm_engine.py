@@ -98,9 +98,10 @@ class VllmEngine:
         if self._config.model is None:
             args.update(_EMBEDDED_DEFAULTS)
             args["model"] = str(ensure_embedded_model(self._cache_dir))
-            args["served_model_name"] = self._config.name
         else:
             args["model"] = self._config.model
+        # vLLM's own metrics then carry llmserve's model name in their model_name label.
+        args["served_model_name"] = self._config.name
         args.update(self._config.engine_args)
         return args
 

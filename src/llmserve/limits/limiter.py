@@ -32,6 +32,9 @@ class RateLimiter:
     def __init__(self, store: LimitStore, config: RateLimitConfig) -> None:
         self._store = store
         self._config = config
+        self._pending: set[asyncio.Task[None]] = set()
+        if isinstance(store, MemoryStore):
+            RATE_LIMIT_STORE_UP.set(1)  # in memory: always up
 
     @classmethod
     def from_config(cls, config: RateLimitConfig, lease_s: float) -> RateLimiter:
@@ -57,6 +60,9 @@ class RateLimiter:
             async with asyncio.timeout(self._config.store_timeout_s * 2):
                 decision = await self._store.reserve(principal, cost, request_id)
         except Exception as exc:
+            # The store may still run the reservation after we gave up on it: undo it later,
+            # harmlessly if it never happened (a release of an unknown id changes nothing).
+            self._compensate(principal, request_id, cost)
             self._store_failed(exc)
             return None
         RATE_LIMIT_STORE_UP.set(1)
@@ -85,6 +91,21 @@ class RateLimiter:
                 RATE_LIMIT_STORE_UP.set(0)
                 log.warning("rate-limit release failed for %s: %s", reservation.request_id, exc)
 
+    def _compensate(self, principal: Principal, request_id: str, cost: int) -> None:
+        # Sent at once: Redis runs commands in arrival order, so this release lands after the
+        # reservation it undoes (if that was received at all). Retried while Redis is away.
+        async def undo() -> None:
+            for attempt in range(5):
+                try:
+                    await self._store.release(principal, request_id, cost)
+                    return
+                except Exception:
+                    await asyncio.sleep(self._config.store_timeout_s * 2**attempt)
+
+        task = asyncio.ensure_future(undo())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _store_failed(self, exc: Exception) -> None:
         RATE_LIMIT_STORE_UP.set(0)
         if self._config.on_store_error == "fail_open":
@@ -98,6 +119,9 @@ class RateLimiter:
         ) from exc
 
     async def close(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
         await self._store.close()
 
 

@@ -44,7 +44,8 @@ local rpm, tpm, conc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local rl, tl = level(KEYS[1], rpm, now), level(KEYS[2], tpm, now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local active = redis.call('ZCARD', KEYS[3])
+local active = 0
+if conc > 0 then active = redis.call('ZCARD', KEYS[3]) end
 local reason, wait = '', 0
 if rpm > 0 and rl < 1 then reason = 'requests'; wait = (1 - rl) * 60 / rpm end
 if tpm > 0 and tl < cost then
@@ -58,7 +59,9 @@ end
 if reason == '' then
   if rpm > 0 then rl = rl - 1 end
   if tpm > 0 then tl = tl - cost end
-  if conc > 0 then redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5]) end
+  -- Every reservation is recorded (counted against conc only when the key has a limit), so a
+  -- release can tell a real reservation from one that never happened.
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
   redis.call('PEXPIRE', KEYS[3], math.floor(tonumber(ARGV[6]) * 1000) + 60000)
 end
 save(KEYS[1], rpm, rl, now)
@@ -68,10 +71,12 @@ return {reason, tostring(wait), tostring(rl), tostring(tl)}
 )
 
 # KEYS: tokens bucket, running set. ARGV: tpm (0 = none), refund, request id.
+# Only a reservation still in the running set is freed and refunded: releasing twice, or
+# releasing one that never happened, changes nothing.
 _RELEASE = (
     _LEVEL
     + """
-redis.call('ZREM', KEYS[2], ARGV[3])
+if redis.call('ZREM', KEYS[2], ARGV[3]) == 0 then return 0 end
 local tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and refund > 0 then
   save(KEYS[1], tpm, math.min(tpm, level(KEYS[1], tpm, now) + refund), now)

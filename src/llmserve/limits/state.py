@@ -82,7 +82,11 @@ class KeyLimits:
         return Decision(not reason, reason, wait, self.snapshot())
 
     def release(self, request_id: str, refund: int, now: float) -> None:
+        """Free and refund a reservation; a no-op for one that does not exist (released
+        already, or never made), so a release can safely be sent when unsure."""
         self._refill(now)
+        if request_id not in self.running:
+            return
         self.running.discard(request_id)
         if self.tokens is not None and refund > 0:
             self.tokens.level = min(self.tokens.capacity, self.tokens.level + refund)

@@ -32,6 +32,14 @@ class QueueCollector(Collector):
             "The queue's bound in waiting requests.",
             labels=["model"],
         )
+        capacity_tokens = GaugeMetricFamily(
+            "llmserve_queue_capacity_tokens",
+            "The queue's bound in waiting tokens.",
+            labels=["model"],
+        )
+        max_in_flight = GaugeMetricFamily(
+            "llmserve_max_in_flight", "Requests allowed on the engine at once.", labels=["model"]
+        )
         draining = GaugeMetricFamily("llmserve_draining", "1 while the server drains.")
         for name in self._models.names:
             admission = self._models.admission(name)
@@ -39,5 +47,7 @@ class QueueCollector(Collector):
             tokens.add_metric([name], admission.state.waiting_tokens)
             running.add_metric([name], admission.in_flight)
             capacity.add_metric([name], admission.state.limits.max_waiting_requests)
+            capacity_tokens.add_metric([name], admission.state.limits.max_waiting_tokens)
+            max_in_flight.add_metric([name], admission.state.limits.max_in_flight)
         draining.add_metric([], 1.0 if self._models.draining else 0.0)
-        return [waiting, tokens, running, capacity, draining]
+        return [waiting, tokens, running, capacity, capacity_tokens, max_in_flight, draining]

@@ -33,6 +33,16 @@ class RequestRecord:
     span: Any = None
     # The span's W3C context, for an upstream engine; empty while tracing is off.
     trace_headers: tuple[tuple[str, str], ...] = ()
+    # Labelled histogram children looked up once, not per token.
+    _ttft: Any = None
+    _itl: Any = None
+    _generated: Any = None
+    _counted: int = 0  # generated tokens already added to the counter
+
+    def __post_init__(self) -> None:
+        self._ttft = prom.TIME_TO_FIRST_TOKEN.labels(self.generation.model)
+        self._itl = prom.INTER_TOKEN_LATENCY.labels(self.generation.model)
+        self._generated = prom.GENERATION_TOKENS.labels(self.generation.model, self.key)
 
     def start_span(self, headers: dict[str, str]) -> None:
         """Open the request's span in the caller's trace (W3C traceparent, if sent)."""
@@ -72,16 +82,18 @@ class RequestRecord:
     def observe(self, event: EngineEvent) -> None:
         if isinstance(event, TextDelta):
             now = time.perf_counter()
-            model = self.generation.model
             if self.first_token_at is None:
                 self.first_token_at = now
-                prom.TIME_TO_FIRST_TOKEN.labels(model).observe(now - self.arrived)
+                self._ttft.observe(now - self.arrived)
                 if self.span is not None:
                     self.span.add_event("gen_ai.first_token")
             elif self.last_token_at is not None:
-                prom.INTER_TOKEN_LATENCY.labels(model).observe(now - self.last_token_at)
+                self._itl.observe(now - self.last_token_at)
             self.last_token_at = now
             self.completion_tokens += event.num_tokens
+            # Counted as they stream, so rate() follows long generations smoothly.
+            self._generated.inc(event.num_tokens)
+            self._counted += event.num_tokens
         elif isinstance(event, ChoiceFinished):
             self.finish_reasons.append(event.reason)
         elif isinstance(event, UsageReport):
@@ -95,7 +107,8 @@ class RequestRecord:
         prom.REQUESTS.labels(model, key, self.status).inc()
         prom.REQUEST_DURATION.labels(model).observe(duration)
         prom.PROMPT_TOKENS.labels(model, key).inc(prompt)
-        prom.GENERATION_TOKENS.labels(model, key).inc(self.completion_tokens)
+        if self.completion_tokens > self._counted:  # the engine's final usage says more
+            self._generated.inc(self.completion_tokens - self._counted)
         self._finish_otel(model, prompt, duration)
 
     def _finish_otel(self, model: str, prompt: int, duration: float) -> None:

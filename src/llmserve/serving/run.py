@@ -8,9 +8,8 @@ cancelled again before it runs.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from llmserve.engines.events import (
     TokenLogprob,
     UsageReport,
 )
-from llmserve.errors import EngineTimeout
+from llmserve.errors import EngineTimeout, LLMServeError
 from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.validation.request import GenerationRequest
 
@@ -40,45 +39,64 @@ async def run_on_engine(
     on_admitted: Callable[[float], None] | None = None,
 ) -> AsyncGenerator[EngineEvent, None]:
     """Events of one engine request: admitted first (when ``admission`` is given), aborted on
-    any early exit, bounded by ``timeout_s`` (queue wait included), its slot always released."""
-    deadline = time.monotonic() + timeout_s
-    with contextlib.ExitStack() as stack:
-        if admission is not None and ticket is not None:
-            permit = stack.enter_context(await admission.acquire(ticket))
-            if on_admitted is not None:
-                on_admitted(permit.waited_s)
-        # aclosing: an early exit here must close (and so abort) the engine request at once,
-        # not whenever the garbage collector finalises the inner generator.
-        async with contextlib.aclosing(
-            _engine_events(engine, request, deadline, timeout_s)
-        ) as inner:
-            async for event in inner:
-                yield event
+    any early exit, bounded by ``timeout_s`` (queue wait included), its slot always released.
 
-
-async def _engine_events(
-    engine: Engine, request: GenerationRequest, deadline: float, timeout_s: float
-) -> AsyncGenerator[EngineEvent, None]:
+    One flat generator and one timer per request, not a timeout scope per token: this is the
+    per-token hot path of every stream.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    permit = None
+    if admission is not None and ticket is not None:
+        permit = await admission.acquire(ticket)
+        if on_admitted is not None:
+            on_admitted(permit.waited_s)
+    watchdog = _Deadline(loop, deadline, engine, request.request_id)
     finished = False
     events = engine.generate(request)
     try:
-        while True:
-            with anyio.fail_after(max(deadline - time.monotonic(), 0.0)):
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    finished = True
-                    return
+        async for event in events:
+            if watchdog.expired:
+                break
             yield event
-    except TimeoutError as exc:
-        raise EngineTimeout(
-            f"the request did not finish within {timeout_s:g} s", code="request_timeout"
-        ) from exc
+        else:
+            finished = not watchdog.expired
+    except LLMServeError:
+        if not watchdog.expired:
+            raise
     finally:
+        watchdog.cancel()
         with anyio.CancelScope(shield=True):
-            if not finished:
+            if not finished and not watchdog.expired:  # an expired deadline aborted already
                 await engine.abort(request.request_id)
             await events.aclose()
+            if permit is not None:
+                permit.release()
+    if watchdog.expired:
+        raise EngineTimeout(
+            f"the request did not finish within {timeout_s:g} s", code="request_timeout"
+        )
+
+
+class _Deadline:
+    """Aborts the engine request when the deadline passes; the generator then ends and the
+    caller sees ``expired``. A stalled engine is stopped this way without a per-token timer."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, deadline: float, engine: Engine, request_id: str
+    ) -> None:
+        self.expired = False
+        self._engine = engine
+        self._request_id = request_id
+        self._abort: asyncio.Task[None] | None = None
+        self._handle = loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        self._abort = asyncio.ensure_future(self._engine.abort(self._request_id))
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 @dataclass(slots=True)

@@ -41,7 +41,11 @@ class OpenAIStreamEncoder:
             self._opened.add(event.index)
             frames.append(sse.data(self._formatter.role(event.index)))
         if isinstance(event, TextDelta):
-            frames.append(sse.data(self._formatter.text(event.index, event.text, event.logprobs)))
+            if event.logprobs is None:
+                frames.append(self._formatter.text_frame(event.index, event.text))
+            else:
+                chunk = self._formatter.text(event.index, event.text, event.logprobs)
+                frames.append(sse.data(chunk))
         else:
             frames.append(sse.data(self._formatter.finish(event.index, event.reason)))
         return frames

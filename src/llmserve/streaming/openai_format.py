@@ -6,9 +6,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from llmserve.engines.events import TokenLogprob
 from llmserve.serving.run import Collected
 from llmserve.validation.request import GenerationRequest
+
+_MARK = "\u0000llmserve-text\u0000"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -27,12 +31,23 @@ class ChunkFormatter:
         self._include_usage = include_usage
         # Completions logprobs carry each token's offset in the whole text, across chunks.
         self._offsets = [0] * request.sampling.n
+        self._text_parts: dict[int, tuple[bytes, bytes]] = {}
         self._base = {
             "id": request.request_id,
             "object": "chat.completion.chunk" if self._chat else "text_completion",
             "created": int(time.time()),
             "model": request.model,
         }
+
+    def text_frame(self, index: int, text: str) -> bytes:
+        """The SSE frame of a plain text delta: a cached prefix and suffix around the JSON
+        string, so the per-token hot path builds no dict."""
+        parts = self._text_parts.get(index)
+        if parts is None:
+            template = orjson.dumps(self.text(index, _MARK, None))
+            prefix, _, suffix = template.partition(orjson.dumps(_MARK))
+            parts = self._text_parts[index] = (b"data: " + prefix, suffix + b"\n\n")
+        return parts[0] + orjson.dumps(text) + parts[1]
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         chunk: dict[str, Any] = {**self._base, "choices": [choice]}
