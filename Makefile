@@ -7,7 +7,11 @@ ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
 CONFIG ?=
 
-.PHONY: install serve services test lint typecheck bench clean
+IMAGE ?= llmserve
+DOCKER ?= docker
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: install serve services test lint typecheck bench images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +39,11 @@ typecheck: install
 	$(BIN)/mypy src
 
 # The multi-replica rate-limit tests need a real Redis server (Debian's, on loopback).
+# ... and a real Prometheus (with promtool) for the monitoring tests.
 services:
-	command -v redis-server >/dev/null || \
-	  (apt-get update -q && apt-get install -y -q redis-server) || \
-	  (echo "install redis-server (apt-get install redis-server) to run the Redis tests" && false)
+	command -v redis-server >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update -q && apt-get install -y -q redis-server prometheus) || \
+	  (echo "install redis-server and prometheus (apt-get) to run the service tests" && false)
 
 test: lint typecheck services
 	$(BIN)/llmserve prepare-model
@@ -47,6 +52,12 @@ test: lint typecheck services
 bench: install
 	$(BIN)/python -m benchmarks.gateway_vs_vllm
 	$(BIN)/python -m benchmarks.grouping
+
+# Container images, for a host with a Docker engine (BuildKit): GPU, CPU, and the gateway alone.
+images:
+	$(DOCKER) build -f Dockerfile -t $(IMAGE):gpu -t $(IMAGE):$(VERSION)-gpu .
+	$(DOCKER) build -f Dockerfile.cpu -t $(IMAGE):cpu -t $(IMAGE):$(VERSION)-cpu .
+	$(DOCKER) build -f Dockerfile.cpu --target gateway -t $(IMAGE):gateway -t $(IMAGE):$(VERSION)-gateway .
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -33,8 +33,14 @@ def build_app(tokens_per_second: float, ttft_s: float) -> web.Application:
     def frames(kind: str, n: int) -> list[bytes]:
         if (kind, n) not in cache:
             out = [_chunk(kind, i, "length" if i == n - 1 else None) for i in range(n)]
-            usage = {"id": "fake", "object": "x", "created": 0, "model": "fake", "choices": [],
-                     "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8}}
+            usage = {
+                "id": "fake",
+                "object": "x",
+                "created": 0,
+                "model": "fake",
+                "choices": [],
+                "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": n + 8},
+            }
             out.append(b"data: " + orjson.dumps(usage) + b"\n\n" + b"data: [DONE]\n\n")
             cache[(kind, n)] = out
         return cache[(kind, n)]
@@ -80,8 +86,13 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(build_app(args.tokens_per_second, args.ttft_ms / 1000), host="127.0.0.1",
-                port=args.port, print=None, access_log=None)
+    web.run_app(
+        build_app(args.tokens_per_second, args.ttft_ms / 1000),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

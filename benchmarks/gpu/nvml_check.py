@@ -35,8 +35,14 @@ def main() -> None:
     registry.register(GpuCollector())
     ours = generate_latest(registry).decode()
     smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
-         "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True,
+        [
+            "nvidia-smi",
+            "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     stop.set()
     worker.join()

@@ -201,3 +201,14 @@ async def test_disconnect_while_waiting_aborts_a_whole_request(
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/completions", json=body)
     assert await _wait_until_engine_idle(vllm_server, 5)
+
+
+async def test_metrics_show_vllm_and_llmserve_series(vllm_server: RunningServer) -> None:
+    await client(vllm_server).completions.create(model=MODEL, prompt="Hi", max_tokens=3)
+    async with httpx.AsyncClient(base_url=vllm_server.url) as http:
+        text = (await http.get("/metrics")).text
+    # vLLM's own metrics stay visible in in-process mode, beside the gateway's.
+    assert "vllm:num_requests_running" in text
+    assert "vllm:kv_cache_usage_perc" in text
+    assert f'llmserve_generation_tokens_total{{key="anonymous",model="{MODEL}"}}' in text
+    assert f'llmserve_requests_in_flight{{model="{MODEL}"}} 0.0' in text

@@ -21,6 +21,8 @@ class Gateway:
     metrics: CollectorRegistry
 
 
-def gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
+    # async on purpose: FastAPI runs a plain-def dependency on a worker thread, a thread hop
+    # per request for a dictionary lookup.
     state: Gateway = request.app.state.gateway
     return state

@@ -114,16 +114,42 @@ class UpstreamEngine:
         except TimeoutError as exc:
             raise EngineTimeout("the upstream engine sent no token in time") from exc
         self._open[request.request_id] = response
+        loop = asyncio.get_running_loop()
+        silence = _Silence(loop, first_token_by, response)
+        between = self._config.between_tokens_timeout_s
         try:
             if response.status != 200:
                 raise await _upstream_error(response)
-            async for event in self._events(response, chat, first_token_by):
-                yield event
-        except aiohttp.ClientError as exc:
-            raise EngineFailure(f"the upstream stream broke ({type(exc).__name__})") from exc
-        except TimeoutError as exc:
-            raise EngineTimeout("the upstream engine stopped sending tokens in time") from exc
+            # One flat loop over whatever bytes arrived (usually one whole event): this is the
+            # per-token hot path of upstream streams.
+            buffered = b""
+            async for data in response.content.iter_any():
+                lines = (buffered + data).split(b"\n")
+                buffered = lines.pop()  # an incomplete last line waits for more bytes
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, comments (keep-alives), event names
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        return
+                    try:
+                        chunk = orjson.loads(payload)
+                    except orjson.JSONDecodeError as exc:
+                        raise EngineFailure("the upstream engine sent a malformed event") from exc
+                    for event in _chunk_events(chunk, chat):
+                        # Comments and blank lines do not move the deadline: an upstream that
+                        # only sends keep-alives still times out.
+                        silence.move(loop.time() + between)
+                        yield event
+            raise EngineFailure("the upstream stream ended without [DONE]")
+        except (aiohttp.ClientError, EngineFailure, TimeoutError) as exc:
+            if silence.expired or isinstance(exc, TimeoutError):
+                raise EngineTimeout("the upstream engine sent no token in time") from exc
+            if isinstance(exc, aiohttp.ClientError):
+                raise EngineFailure(f"the upstream stream broke ({type(exc).__name__})") from exc
+            raise
         finally:
+            silence.cancel()
             self._open.pop(request.request_id, None)
             response.close()
 
@@ -159,46 +185,6 @@ class UpstreamEngine:
             if s.logprobs is not None:
                 body["logprobs"] = s.logprobs
         return body
-
-    async def _events(
-        self, response: aiohttp.ClientResponse, chat: bool, deadline: float
-    ) -> AsyncGenerator[EngineEvent, None]:
-        """Parse the upstream's SSE. ``deadline`` is for the next token: comments and blank
-        lines do not move it, so an upstream that only sends keep-alives still times out."""
-        loop = asyncio.get_running_loop()
-        silence = _Silence(loop, deadline, response)
-        try:
-            async for event in self._parse(response, chat, silence):
-                silence.move(loop.time() + self._config.between_tokens_timeout_s)
-                yield event
-        except (aiohttp.ClientError, EngineFailure):
-            if silence.expired:
-                raise TimeoutError from None  # reported as EngineTimeout by generate
-            raise
-        finally:
-            silence.cancel()
-
-    async def _parse(
-        self, response: aiohttp.ClientResponse, chat: bool, silence: _Silence
-    ) -> AsyncGenerator[EngineEvent, None]:
-        while True:
-            raw = await response.content.readline()
-            if not raw:
-                if silence.expired:
-                    raise TimeoutError
-                raise EngineFailure("the upstream stream ended without [DONE]")
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments (keep-alives), event names
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                return
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError as exc:
-                raise EngineFailure("the upstream engine sent a malformed event") from exc
-            for event in _chunk_events(chunk, chat):
-                yield event
 
     async def abort(self, request_id: str) -> None:
         response = self._open.pop(request_id, None)

@@ -3,6 +3,7 @@ and the fields of its access-log line. Fed by ``RequestRun`` as events pass; fin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, UsageReport
 from llmserve.observability import metrics as prom
 from llmserve.observability import tracing
+from llmserve.observability.reasons import reason_for
 from llmserve.validation.request import GenerationRequest
 
 _OPERATION = {"chat": "chat", "completion": "text_completion", "generate": "text_completion"}
@@ -29,7 +31,9 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
-    status: str = "ok"
+    # "disconnect" until the run reports how it ended: a run that never started (the client
+    # left before) ends as a disconnect.
+    status: str = "disconnect"
     span: Any = None
     # The span's W3C context, for an upstream engine; empty while tracing is off.
     trace_headers: tuple[tuple[str, str], ...] = ()
@@ -38,6 +42,7 @@ class RequestRecord:
     _itl: Any = None
     _generated: Any = None
     _counted: int = 0  # generated tokens already added to the counter
+    _ended: bool = False
 
     def __post_init__(self) -> None:
         self._ttft = prom.TIME_TO_FIRST_TOKEN.labels(self.generation.model)
@@ -69,7 +74,9 @@ class RequestRecord:
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        if self.span.is_recording():
+        # Forwarded whenever the context is valid, sampled or not, so the upstream follows the
+        # caller's sampling decision instead of starting a trace of its own.
+        if self.span.get_span_context().is_valid:
             with trace.use_span(self.span, end_on_exit=False):
                 self.trace_headers = tuple(tracing.outgoing_headers().items())
 
@@ -99,6 +106,18 @@ class RequestRecord:
         elif isinstance(event, UsageReport):
             self.prompt_tokens = event.prompt_tokens
             self.completion_tokens = event.completion_tokens
+
+    def ended(self, error: BaseException | None) -> None:
+        """How the run ended (None: completed); the first report wins."""
+        if self._ended:
+            return
+        self._ended = True
+        if error is None:
+            self.status = "ok"
+        elif isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            self.status = "disconnect"
+        else:
+            self.status = reason_for(error)
 
     def finish(self) -> None:
         model, key = self.generation.model, self.key

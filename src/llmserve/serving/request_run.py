@@ -5,16 +5,12 @@ depends on the garbage collector finalising a generator."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-from collections.abc import AsyncGenerator
 
 import anyio
 
 from llmserve.engines.base import Engine
-from llmserve.engines.events import EngineEvent
 from llmserve.limits.limiter import RateLimiter, Reservation
-from llmserve.observability.reasons import reason_for
 from llmserve.observability.request_metrics import RequestRecord
 from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.serving.run import run_on_engine
@@ -40,22 +36,8 @@ class RequestRun:
         self.headers = dict(reservation.headers) if reservation else {}
         if record.trace_headers:
             generation = dataclasses.replace(generation, trace_headers=record.trace_headers)
-        self._inner = run_on_engine(
-            engine, generation, timeout_s, admission, ticket, on_admitted=record.admitted
-        )
-        self.events = self._observed()
-
-    async def _observed(self) -> AsyncGenerator[EngineEvent, None]:
-        try:
-            async for event in self._inner:
-                self.record.observe(event)
-                yield event
-        except (asyncio.CancelledError, GeneratorExit):
-            self.record.status = "disconnect"
-            raise
-        except Exception as exc:
-            self.record.status = reason_for(exc)
-            raise
+        # The record observes the run by plain calls: no extra generator layer per token.
+        self.events = run_on_engine(engine, generation, timeout_s, admission, ticket, record)
 
     @property
     def used_tokens(self) -> int:
@@ -68,6 +50,5 @@ class RequestRun:
         self._closed = True
         with anyio.CancelScope(shield=True):
             await self.events.aclose()
-            await self._inner.aclose()
             await self._limiter.release(self._reservation, self.used_tokens)
             self.record.finish()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 
@@ -30,13 +31,25 @@ from llmserve.validation.request import GenerationRequest
 log = logging.getLogger(__name__)
 
 
+class RunObserver(Protocol):
+    """Told what happens to a run: a plain call per event, not another generator layer."""
+
+    def admitted(self, waited_s: float) -> None: ...
+
+    def observe(self, event: EngineEvent) -> None: ...
+
+    def ended(self, error: BaseException | None) -> None:
+        """None: completed. Otherwise what ended it (GeneratorExit/CancelledError: the
+        consumer went away, i.e. the client disconnected)."""
+
+
 async def run_on_engine(
     engine: Engine,
     request: GenerationRequest,
     timeout_s: float,
     admission: Admission | None = None,
     ticket: Ticket | None = None,
-    on_admitted: Callable[[float], None] | None = None,
+    observer: RunObserver | None = None,
 ) -> AsyncGenerator[EngineEvent, None]:
     """Events of one engine request: admitted first (when ``admission`` is given), aborted on
     any early exit, bounded by ``timeout_s`` (queue wait included), its slot always released.
@@ -48,22 +61,34 @@ async def run_on_engine(
     deadline = loop.time() + timeout_s
     permit = None
     if admission is not None and ticket is not None:
-        permit = await admission.acquire(ticket)
-        if on_admitted is not None:
-            on_admitted(permit.waited_s)
+        try:
+            permit = await admission.acquire(ticket)
+        except BaseException as exc:
+            if observer is not None:
+                observer.ended(exc)
+            raise
+        if observer is not None:
+            observer.admitted(permit.waited_s)
     watchdog = _Deadline(loop, deadline, engine, request.request_id)
     finished = False
+    error: BaseException | None = None
     events = engine.generate(request)
     try:
         async for event in events:
             if watchdog.expired:
                 break
+            if observer is not None:
+                observer.observe(event)
             yield event
         else:
             finished = not watchdog.expired
-    except LLMServeError:
+    except LLMServeError as exc:
         if not watchdog.expired:
+            error = exc
             raise
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         watchdog.cancel()
         with anyio.CancelScope(shield=True):
@@ -72,10 +97,16 @@ async def run_on_engine(
             await events.aclose()
             if permit is not None:
                 permit.release()
-    if watchdog.expired:
-        raise EngineTimeout(
-            f"the request did not finish within {timeout_s:g} s", code="request_timeout"
-        )
+        if observer is not None and not watchdog.expired:
+            observer.ended(error)
+    if not watchdog.expired:
+        return
+    timeout = EngineTimeout(
+        f"the request did not finish within {timeout_s:g} s", code="request_timeout"
+    )
+    if observer is not None:
+        observer.ended(timeout)
+    raise timeout
 
 
 class _Deadline:
