@@ -8,6 +8,11 @@ from typing import Literal
 FinishReason = Literal["stop", "length"]
 
 
+def finish_reason(engine_reason: str) -> FinishReason:
+    """OpenAI's two reasons from an engine's: only running out of max_tokens is "length"."""
+    return "length" if engine_reason == "length" else "stop"
+
+
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
     token: str

@@ -19,10 +19,10 @@ from llmserve.config import UpstreamModel
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
-    FinishReason,
     TextDelta,
     TokenLogprob,
     UsageReport,
+    finish_reason,
 )
 from llmserve.errors import (
     EngineFailure,
@@ -259,15 +259,11 @@ def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
         if text:
             events.append(TextDelta(index, text, len(logprobs) if logprobs else 1, logprobs))
         if choice.get("finish_reason"):
-            events.append(ChoiceFinished(index, _finish_reason(choice["finish_reason"])))
+            events.append(ChoiceFinished(index, finish_reason(choice["finish_reason"])))
     usage = chunk.get("usage")
     if usage:
         events.append(UsageReport(int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
     return events
-
-
-def _finish_reason(reason: str) -> FinishReason:
-    return "length" if reason == "length" else "stop"
 
 
 def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...] | None:

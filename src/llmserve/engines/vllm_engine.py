@@ -15,10 +15,10 @@ from llmserve.config import VllmModel
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
-    FinishReason,
     TextDelta,
     TokenLogprob,
     UsageReport,
+    finish_reason,
 )
 from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
 from llmserve.models.embedded import ensure_embedded_model
@@ -129,7 +129,7 @@ class VllmEngine:
                             _logprobs(choice.logprobs, choice.token_ids, request.sampling.logprobs),
                         )
                     if choice.finish_reason is not None:
-                        yield ChoiceFinished(choice.index, _finish_reason(choice.finish_reason))
+                        yield ChoiceFinished(choice.index, finish_reason(choice.finish_reason))
         except EngineDeadError as exc:
             raise EngineUnavailable(
                 "the inference engine stopped; the server needs a restart"
@@ -201,10 +201,6 @@ def _sampling_params(options: SamplingOptions) -> Any:
     if options.top_k is not None:
         params["top_k"] = max(options.top_k, 0)  # OpenAI-style -1 means "off", vLLM's is 0
     return SamplingParams(**params)
-
-
-def _finish_reason(reason: str) -> FinishReason:
-    return "length" if reason == "length" else "stop"
 
 
 def _logprobs(positions: Any, token_ids: Any, top_n: int | None) -> tuple[TokenLogprob, ...] | None:

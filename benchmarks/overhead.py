@@ -1,0 +1,298 @@
+"""Gateway overhead, same upstream, one run: direct to a fake upstream vs through a bare aiohttp
+relay, llmserve (upstream mode) and, when installed, LiteLLM's proxy (one worker).
+
+Every process runs separately: the fake upstream (``fake_upstream.py``, pre-encoded chunks at a
+fixed token rate), each gateway, and this load generator. For each concurrency and target it
+reports TTFT and inter-token latency (p50/p99), throughput, and the gateway process's CPU time per
+streamed token (psutil, user + system). Targets are interleaved per concurrency.
+
+    .venv/bin/python -m benchmarks.overhead [--concurrency 16 64 256] [--litellm PATH]
+
+LiteLLM: install it in its own environment (its pins clash with vLLM's), e.g.
+``python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'``, and pass
+``--litellm /tmp/litellm/bin/litellm``. Writes benchmarks/results/overhead.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+import psutil
+
+RESULTS = Path(__file__).parent / "results"
+UPSTREAM_PORT, RELAY_PORT, LLMSERVE_PORT, LITELLM_PORT = 9301, 9302, 9303, 9304
+# LiteLLM refuses to start without a master key; the other targets ignore the header.
+MASTER_KEY = "sk-overhead-benchmark"
+
+
+@dataclass
+class Row:
+    target: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    cpu_us_per_token: float | None
+    errors: int
+
+
+def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_all(
+    args: argparse.Namespace, tmp: Path
+) -> dict[str, tuple[str, subprocess.Popen[bytes] | None]]:
+    py = sys.executable
+    upstream = f"http://127.0.0.1:{UPSTREAM_PORT}"
+    procs: dict[str, tuple[str, subprocess.Popen[bytes] | None]] = {}
+    up = start(
+        [
+            py,
+            "-m",
+            "benchmarks.fake_upstream",
+            "--port",
+            str(UPSTREAM_PORT),
+            "--tokens-per-second",
+            str(args.tokens_per_second),
+            "--ttft-ms",
+            str(args.ttft_ms),
+        ]
+    )
+    procs["direct"] = (upstream, up)
+    relay = start(
+        [py, "-m", "benchmarks.bare_relay", "--port", str(RELAY_PORT), "--upstream", upstream]
+    )
+    procs["bare relay"] = (f"http://127.0.0.1:{RELAY_PORT}", relay)
+    config = tmp / "llmserve.yaml"
+    config.write_text(
+        "log_level: warning\nauth: {enabled: false}\nobservability: {access_log: false}\n"
+        f"models:\n  - engine: openai\n    name: fake\n    url: {upstream}\n"
+        "    admission: {max_in_flight: 4096, max_waiting_requests: 4096}\n"
+    )
+    gateway = start(
+        [py, "-m", "llmserve", "serve", "--config", str(config), "--port", str(LLMSERVE_PORT)]
+    )
+    procs["llmserve"] = (f"http://127.0.0.1:{LLMSERVE_PORT}", gateway)
+    if args.litellm:
+        lite_config = tmp / "litellm.yaml"
+        lite_config.write_text(
+            "model_list:\n  - model_name: fake\n    litellm_params:\n"
+            f"      model: openai/fake\n      api_base: {upstream}/v1\n      api_key: none\n"
+        )
+        lite = start(
+            [
+                args.litellm,
+                "--config",
+                str(lite_config),
+                "--port",
+                str(LITELLM_PORT),
+                "--num_workers",
+                "1",
+            ],
+            env={"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": MASTER_KEY},
+        )
+        procs["LiteLLM proxy"] = (f"http://127.0.0.1:{LITELLM_PORT}", lite)
+    return procs
+
+
+async def one(
+    session: aiohttp.ClientSession, url: str, tokens: int
+) -> tuple[float, list[float], int]:
+    body = {"model": "fake", "prompt": "hello", "max_tokens": tokens, "stream": True}
+    start_t = time.perf_counter()
+    stamps: list[float] = []
+    async with session.post(url + "/v1/completions", json=body) as response:
+        if response.status != 200:
+            await response.read()
+            return 0.0, [], 1
+        async for raw in response.content:
+            if raw.startswith(b"data:") and b"[DONE]" not in raw:
+                chunk = orjson.loads(raw[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        return 0.0, [], 1
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return stamps[0] - start_t, gaps, 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def measure(
+    session: aiohttp.ClientSession,
+    name: str,
+    url: str,
+    proc: subprocess.Popen[bytes] | None,
+    concurrency: int,
+    tokens: int,
+    rounds: int,
+) -> Row:
+    watched = psutil.Process(proc.pid) if proc is not None and name != "direct" else None
+    await asyncio.gather(*(one(session, url, 8) for _ in range(min(concurrency, 32))))  # warm
+    cpu0 = sum(watched.cpu_times()[:2]) if watched else 0.0
+    started = time.perf_counter()
+    results = await asyncio.gather(
+        *(one(session, url, tokens) for _ in range(concurrency * rounds))
+    )
+    elapsed = time.perf_counter() - started
+    cpu1 = sum(watched.cpu_times()[:2]) if watched else 0.0
+    ttfts = [r[0] for r in results if not r[2]]
+    gaps = [g for r in results for g in r[1]]
+    streamed = sum(len(r[1]) + 1 for r in results if not r[2])
+    return Row(
+        name,
+        concurrency,
+        streamed / elapsed,
+        pct(ttfts, 0.5) * 1e3,
+        pct(ttfts, 0.99) * 1e3,
+        pct(gaps, 0.5) * 1e3,
+        pct(gaps, 0.99) * 1e3,
+        (cpu1 - cpu0) / streamed * 1e6 if watched and streamed else None,
+        sum(r[2] for r in results),
+    )
+
+
+async def run(args: argparse.Namespace) -> list[Row]:
+    tmp = Path(tempfile.mkdtemp())
+    procs = start_all(args, tmp)
+    rows: list[Row] = []
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {MASTER_KEY}"},
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=600),
+        ) as session:
+            await asyncio.sleep(3)
+            for name, (url, _) in procs.items():
+                await wait_up(session, url, name)
+            for concurrency in args.concurrency:
+                for name, (url, proc) in procs.items():
+                    row = await measure(
+                        session, name, url, proc, concurrency, args.tokens, args.rounds
+                    )
+                    print(
+                        f"{name:14s} c={concurrency:4d} {row.tokens_per_s:8.0f} tok/s "
+                        f"TTFT p50 {row.ttft_p50_ms:7.1f} ms ITL p99 {row.itl_p99_ms:6.1f} ms "
+                        f"CPU/token {row.cpu_us_per_token or 0:6.0f} us err {row.errors}",
+                        flush=True,
+                    )
+                    rows.append(row)
+    finally:
+        for _, proc in procs.values():
+            if proc is not None:
+                proc.terminate()
+    return rows
+
+
+async def wait_up(session: aiohttp.ClientSession, url: str, name: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if (await one(session, url, 2))[2] == 0:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError(f"{name} at {url} did not answer")
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    lines = [
+        "# Gateway overhead: same fake upstream, one run",
+        "",
+        f"Fake upstream at {args.tokens_per_second:g} tokens/s per stream, first token after "
+        f"{args.ttft_ms:g} ms, {args.tokens} output tokens per request; streaming completions. "
+        f"Every process separate, {os.cpu_count()} CPU cores (shared by the load generator, the "
+        "fake upstream and the gateway under test). CPU per token: the gateway process's user + "
+        "system time over the streamed tokens.",
+        "",
+        "| target | streams | tok/s | ratio to direct | TTFT p50 | added TTFT p50 | TTFT p99 | "
+        "ITL p50 | ITL p99 | CPU µs/token | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        direct = next(r for r in rows if r.target == "direct" and r.concurrency == row.concurrency)
+        cpu = f"{row.cpu_us_per_token:.0f}" if row.cpu_us_per_token is not None else "—"
+        lines.append(
+            f"| {row.target} | {row.concurrency} | {row.tokens_per_s:.0f} | "
+            f"{row.tokens_per_s / direct.tokens_per_s:.3f} | {row.ttft_p50_ms:.1f} ms | "
+            f"{row.ttft_p50_ms - direct.ttft_p50_ms:+.1f} ms | {row.ttft_p99_ms:.1f} ms | "
+            f"{row.itl_p50_ms:.1f} ms | {row.itl_p99_ms:.1f} ms | {cpu} | {row.errors} |"
+        )
+    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "overhead.json").write_text(json.dumps([vars(r) for r in rows], indent=1))
+    plot(rows)
+    print("\n".join(lines))
+
+
+def plot(rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for target in dict.fromkeys(r.target for r in rows):
+        mine = [r for r in rows if r.target == target]
+        xs = [r.concurrency for r in mine]
+        left.plot(xs, [r.tokens_per_s for r in mine], marker="o", label=target)
+        if target != "direct":
+            right.plot(xs, [r.cpu_us_per_token or 0 for r in mine], marker="o", label=target)
+    left.set(
+        xlabel="concurrent streams",
+        ylabel="tokens/s",
+        title="Throughput vs concurrency",
+        xscale="log",
+    )
+    right.set(
+        xlabel="concurrent streams",
+        ylabel="µs CPU per token",
+        title="Gateway CPU per token",
+        xscale="log",
+        yscale="log",
+    )
+    left.legend()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "overhead.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokens-per-second", type=float, default=50)
+    parser.add_argument("--ttft-ms", type=float, default=50)
+    parser.add_argument("--litellm", help="path to LiteLLM's `litellm` command")
+    args = parser.parse_args()
+    report(asyncio.run(run(args)), args)
+
+
+if __name__ == "__main__":
+    main()
