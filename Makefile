@@ -52,6 +52,7 @@ test: lint typecheck services
 bench: install
 	$(BIN)/python -m benchmarks.gateway_vs_vllm
 	$(BIN)/python -m benchmarks.grouping
+	$(BIN)/python -m benchmarks.overhead
 
 # Container images, for a host with a Docker engine (BuildKit): GPU, CPU, and the gateway alone.
 images:

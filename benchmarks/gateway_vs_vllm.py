@@ -71,6 +71,7 @@ def start_servers(model_dir: Path, vllm_port: int, gw_port: int) -> list[subproc
     )
     config = Path(tempfile.mkdtemp()) / "llmserve.yaml"
     config.write_text(
+        "auth: {enabled: false}\n"
         f"models:\n  - engine: vllm\n    engine_args: {{max_model_len: {MAX_MODEL_LEN}}}\n"
     )
     gateway = subprocess.Popen(

@@ -39,6 +39,7 @@ LONG = " ".join(["The history of lighthouses spans many centuries and coastlines
 def config(window: float) -> Path:
     path = Path(tempfile.mkdtemp()) / "llmserve.yaml"
     path.write_text(
+        "auth: {enabled: false}\n"
         "models:\n  - engine: vllm\n    engine_args: {max_model_len: 2048}\n"
         f"    admission: {{max_in_flight: {IN_FLIGHT}, group_window_s: {window}, "
         f"group_buckets: {BUCKETS}}}\n"

@@ -41,7 +41,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        background = [asyncio.create_task(_load(registry, on_fatal))]
+        background = [
+            asyncio.create_task(_load(registry, on_fatal)),
+            asyncio.create_task(_watch_health(registry)),
+        ]
         if keys is not None:
             background.append(asyncio.create_task(_reload_keys(keys, settings)))
         try:
@@ -88,6 +91,13 @@ def _key_store(settings: Settings) -> KeyStore | None:
             settings.keys_path,
         )
     return keys
+
+
+async def _watch_health(registry: ModelRegistry, interval_s: float = 5.0) -> None:
+    """Keeps llmserve_engine_healthy current even when nobody probes /ready."""
+    while True:
+        await registry.health()
+        await asyncio.sleep(interval_s)
 
 
 async def _reload_keys(keys: KeyStore, settings: Settings) -> None:

@@ -39,6 +39,8 @@ class ModelRegistry:
         self._configs = configs
         self._admissions = {name: Admission(_queue_limits(configs[name])) for name in engines}
         self.draining = False
+        # The last health check of each engine (False until one passed), for /metrics.
+        self.healthy: dict[str, bool] = dict.fromkeys(engines, False)
 
     @classmethod
     def from_config(cls, models: list[ModelConfig], cache_dir: Path) -> ModelRegistry:
@@ -88,7 +90,8 @@ class ModelRegistry:
 
     async def health(self) -> dict[str, bool]:
         results = await asyncio.gather(*(e.check_health() for e in self._engines.values()))
-        return dict(zip(self._engines, results, strict=True))
+        self.healthy = dict(zip(self._engines, results, strict=True))
+        return dict(self.healthy)
 
     async def close(self) -> None:
         for engine in self._engines.values():

@@ -41,6 +41,11 @@ class QueueCollector(Collector):
             "llmserve_max_in_flight", "Requests allowed on the engine at once.", labels=["model"]
         )
         draining = GaugeMetricFamily("llmserve_draining", "1 while the server drains.")
+        healthy = GaugeMetricFamily(
+            "llmserve_engine_healthy",
+            "1 when the model's engine passed its last health check (every few seconds).",
+            labels=["model"],
+        )
         for name in self._models.names:
             admission = self._models.admission(name)
             waiting.add_metric([name], admission.queued)
@@ -49,5 +54,15 @@ class QueueCollector(Collector):
             capacity.add_metric([name], admission.state.limits.max_waiting_requests)
             capacity_tokens.add_metric([name], admission.state.limits.max_waiting_tokens)
             max_in_flight.add_metric([name], admission.state.limits.max_in_flight)
+            healthy.add_metric([name], 1.0 if self._models.healthy.get(name) else 0.0)
         draining.add_metric([], 1.0 if self._models.draining else 0.0)
-        return [waiting, tokens, running, capacity, capacity_tokens, max_in_flight, draining]
+        return [
+            waiting,
+            tokens,
+            running,
+            capacity,
+            capacity_tokens,
+            max_in_flight,
+            draining,
+            healthy,
+        ]

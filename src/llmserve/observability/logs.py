@@ -97,6 +97,9 @@ def _fields(scope: Scope, request_id: str, status: int, started: float) -> dict[
             prompt_tokens=record.prompt_tokens or record.generation.prompt_tokens,
             completion_tokens=record.completion_tokens,
             outcome=record.status,
+            ttft_ms=None
+            if record.first_token_at is None
+            else round((record.first_token_at - record.arrived) * 1000, 2),
             queue_wait_ms=None
             if record.queue_wait_s is None
             else round(record.queue_wait_s * 1000, 2),
