@@ -17,13 +17,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import orjson
 
+from benchmarks.loadgen import Job, run_closed_loop, wait_ready
 from llmserve.config import EMBEDDED_MODEL_NAME, Settings
 from llmserve.models.embedded import ensure_embedded_model
 
@@ -92,61 +91,16 @@ def start_servers(model_dir: Path, vllm_port: int, gw_port: int) -> list[subproc
     return [vllm, gateway]
 
 
-async def wait_ready(session: aiohttp.ClientSession, url: str, path: str) -> None:
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(url + path) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(1)
-    raise TimeoutError(f"{url} did not become ready")
-
-
-async def one_request(session: aiohttp.ClientSession, url: str) -> tuple[int, float]:
-    body = {
-        "model": EMBEDDED_MODEL_NAME,
-        "prompt": PROMPT,
-        "max_tokens": OUTPUT_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with session.post(url + "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            chunk = orjson.loads(line[5:])
-            if ttft is None and chunk.get("choices") and chunk["choices"][0].get("text"):
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return tokens, ttft or 0.0
-
-
 async def run_load(
     session: aiohttp.ClientSession, target: str, url: str, concurrency: int, requests: int
 ) -> Run:
-    queue = list(range(requests))
-    results: list[tuple[int, float]] = []
-
-    async def worker() -> None:
-        while queue:
-            queue.pop()
-            results.append(await one_request(session, url))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    seconds = time.perf_counter() - start
-    return Run(target, concurrency, sum(t for t, _ in results), seconds, [f for _, f in results])
+    """The shared closed-loop load generator, summarised the way this report needs."""
+    jobs = [Job(PROMPT, OUTPUT_TOKENS)] * requests
+    load = await run_closed_loop(session, target, url, EMBEDDED_MODEL_NAME, jobs, concurrency)
+    if len(load.ok) != requests:
+        raise RuntimeError(f"{target}: {requests - len(load.ok)} request(s) failed")
+    ttfts = [r.ttft_s for r in load.ok]
+    return Run(target, concurrency, sum(r.tokens for r in load.ok), load.seconds, ttfts)
 
 
 async def benchmark(args: argparse.Namespace) -> list[Run]:
