@@ -62,10 +62,20 @@ def start(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
 def start_all(
     args: argparse.Namespace, tmp: Path
 ) -> dict[str, tuple[str, subprocess.Popen[bytes] | None]]:
-    py = sys.executable
-    upstream = f"http://127.0.0.1:{UPSTREAM_PORT}"
     procs: dict[str, tuple[str, subprocess.Popen[bytes] | None]] = {}
-    up = start(
+    if args.upstream:  # an upstream already running, e.g. a real `vllm serve`
+        upstream = args.upstream.rstrip("/")
+        procs["direct"] = (upstream, None)
+    else:
+        upstream = f"http://127.0.0.1:{UPSTREAM_PORT}"
+        procs["direct"] = (upstream, _fake_upstream(args))
+    _start_gateways(args, tmp, upstream, procs)
+    return procs
+
+
+def _fake_upstream(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    py = sys.executable
+    return start(
         [
             py,
             "-m",
@@ -78,7 +88,15 @@ def start_all(
             str(args.ttft_ms),
         ]
     )
-    procs["direct"] = (upstream, up)
+
+
+def _start_gateways(
+    args: argparse.Namespace,
+    tmp: Path,
+    upstream: str,
+    procs: dict[str, tuple[str, subprocess.Popen[bytes] | None]],
+) -> None:
+    py = sys.executable
     relay = start(
         [py, "-m", "benchmarks.bare_relay", "--port", str(RELAY_PORT), "--upstream", upstream]
     )
@@ -86,7 +104,7 @@ def start_all(
     config = tmp / "llmserve.yaml"
     config.write_text(
         "log_level: warning\nauth: {enabled: false}\nobservability: {access_log: false}\n"
-        f"models:\n  - engine: openai\n    name: fake\n    url: {upstream}\n"
+        f"models:\n  - engine: openai\n    name: {args.model}\n    url: {upstream}\n"
         "    admission: {max_in_flight: 4096, max_waiting_requests: 4096}\n"
     )
     gateway = start(
@@ -96,8 +114,9 @@ def start_all(
     if args.litellm:
         lite_config = tmp / "litellm.yaml"
         lite_config.write_text(
-            "model_list:\n  - model_name: fake\n    litellm_params:\n"
-            f"      model: openai/fake\n      api_base: {upstream}/v1\n      api_key: none\n"
+            f"model_list:\n  - model_name: {args.model}\n    litellm_params:\n"
+            f"      model: openai/{args.model}\n      api_base: {upstream}/v1\n"
+            "      api_key: none\n"
         )
         lite = start(
             [
@@ -112,13 +131,19 @@ def start_all(
             env={"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": MASTER_KEY},
         )
         procs["LiteLLM proxy"] = (f"http://127.0.0.1:{LITELLM_PORT}", lite)
-    return procs
 
 
 async def one(
-    session: aiohttp.ClientSession, url: str, tokens: int
+    session: aiohttp.ClientSession, url: str, tokens: int, model: str = "fake"
 ) -> tuple[float, list[float], int]:
-    body = {"model": "fake", "prompt": "hello", "max_tokens": tokens, "stream": True}
+    body = {
+        "model": model,
+        "prompt": "hello",
+        "max_tokens": tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     start_t = time.perf_counter()
     stamps: list[float] = []
     async with session.post(url + "/v1/completions", json=body) as response:
@@ -149,13 +174,16 @@ async def measure(
     concurrency: int,
     tokens: int,
     rounds: int,
+    model: str,
 ) -> Row:
     watched = psutil.Process(proc.pid) if proc is not None and name != "direct" else None
-    await asyncio.gather(*(one(session, url, 8) for _ in range(min(concurrency, 32))))  # warm
+    await asyncio.gather(
+        *(one(session, url, 8, model) for _ in range(min(concurrency, 32)))
+    )  # warm
     cpu0 = sum(watched.cpu_times()[:2]) if watched else 0.0
     started = time.perf_counter()
     results = await asyncio.gather(
-        *(one(session, url, tokens) for _ in range(concurrency * rounds))
+        *(one(session, url, tokens, model) for _ in range(concurrency * rounds))
     )
     elapsed = time.perf_counter() - started
     cpu1 = sum(watched.cpu_times()[:2]) if watched else 0.0
@@ -188,11 +216,11 @@ async def run(args: argparse.Namespace) -> list[Row]:
         ) as session:
             await asyncio.sleep(3)
             for name, (url, _) in procs.items():
-                await wait_up(session, url, name)
+                await wait_up(session, url, name, args.model)
             for concurrency in args.concurrency:
                 for name, (url, proc) in procs.items():
                     row = await measure(
-                        session, name, url, proc, concurrency, args.tokens, args.rounds
+                        session, name, url, proc, concurrency, args.tokens, args.rounds, args.model
                     )
                     print(
                         f"{name:14s} c={concurrency:4d} {row.tokens_per_s:8.0f} tok/s "
@@ -208,11 +236,11 @@ async def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-async def wait_up(session: aiohttp.ClientSession, url: str, name: str) -> None:
-    deadline = time.monotonic() + 120
+async def wait_up(session: aiohttp.ClientSession, url: str, name: str, model: str) -> None:
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if (await one(session, url, 2))[2] == 0:
+            if (await one(session, url, 2, model))[2] == 0:
                 return
         except aiohttp.ClientError:
             pass
@@ -224,15 +252,24 @@ def rows_from_json(path: Path) -> list[Row]:
     return [Row(**row) for row in json.loads(path.read_text())]
 
 
+def _setup(args: argparse.Namespace) -> str:
+    if args.upstream:
+        return f"Upstream: {args.upstream} (model {args.model}), already running. "
+    return (
+        f"Fake upstream at {args.tokens_per_second:g} tokens/s per stream, first token after "
+        f"{args.ttft_ms:g} ms. "
+    )
+
+
 def report(rows: list[Row], args: argparse.Namespace) -> None:
     RESULTS.mkdir(exist_ok=True)
     lines = [
-        "# Gateway overhead: same fake upstream, one run",
+        "# Gateway overhead: same upstream, one run",
         "",
-        f"Fake upstream at {args.tokens_per_second:g} tokens/s per stream, first token after "
-        f"{args.ttft_ms:g} ms, {args.tokens} output tokens per request; streaming completions. "
+        _setup(args)
+        + f"{args.tokens} output tokens per request (ignore_eos); streaming completions. "
         f"Every process separate, {os.cpu_count()} CPU cores (shared by the load generator, the "
-        "fake upstream and the gateway under test). CPU per token: the gateway process's user + "
+        "upstream and the gateway under test). CPU per token: the gateway process's user + "
         "system time over the streamed tokens.",
         "",
         "| target | streams | tok/s | ratio to direct | TTFT p50 | added TTFT p50 | TTFT p99 | "
@@ -248,21 +285,25 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
             f"{row.ttft_p50_ms - direct.ttft_p50_ms:+.1f} ms | {row.ttft_p99_ms:.1f} ms | "
             f"{row.itl_p50_ms:.1f} ms | {row.itl_p99_ms:.1f} ms | {cpu} | {row.errors} |"
         )
-    lines += [
-        "",
-        "Reading it: on 2 cores the load generator, the fake upstream and the gateway compete, so "
-        "once a gateway's CPU per token times the token rate nears a core (256 streams x 50 "
-        "tok/s = 12,800 tok/s), every gateway falls behind direct; compare CPU per token, which "
-        "does not depend on that. LiteLLM's proxy needs a master key to start "
-        "(`LITELLM_MASTER_KEY`), runs one worker, and is not otherwise tuned.",
-    ]
-    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "overhead.json").write_text(json.dumps([vars(r) for r in rows], indent=1))
-    plot(rows)
+    lines += (
+        []
+        if args.upstream
+        else [
+            "",
+            "Reading it: on 2 cores the load generator, the fake upstream and the gateway "
+            "compete, so once a gateway's CPU per token times the token rate nears a core "
+            "(256 streams x 50 tok/s = 12,800 tok/s), every gateway falls behind direct; compare "
+            "CPU per token, which does not depend on that. LiteLLM's proxy needs a master key to "
+            "start (`LITELLM_MASTER_KEY`), runs one worker, and is not otherwise tuned.",
+        ]
+    )
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps([vars(r) for r in rows], indent=1))
+    plot(rows, args.out)
     print("\n".join(lines))
 
 
-def plot(rows: list[Row]) -> None:
+def plot(rows: list[Row], name: str = "overhead") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,7 +339,7 @@ def plot(rows: list[Row]) -> None:
     left.legend()
     right.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "overhead.png", dpi=100)
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
 
 
 def main() -> None:
@@ -309,6 +350,11 @@ def main() -> None:
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--litellm", help="path to LiteLLM's `litellm` command")
+    parser.add_argument(
+        "--upstream", help="an upstream already running (e.g. vllm serve) instead of the fake one"
+    )
+    parser.add_argument("--model", default="fake", help="the model name at the upstream")
+    parser.add_argument("--out", default="overhead", help="report name under results/")
     args = parser.parse_args()
     report(asyncio.run(run(args)), args)
 
