@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.loadgen import Job, run_closed_loop, wait_ready
+from benchmarks.servers import stop_all, vllm_server_command
 from llmserve.config import EMBEDDED_MODEL_NAME, Settings
 from llmserve.models.embedded import ensure_embedded_model
 
@@ -48,22 +49,7 @@ class Run:
 def start_servers(model_dir: Path, vllm_port: int, gw_port: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     vllm = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            EMBEDDED_MODEL_NAME,
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--port",
-            str(vllm_port),
-        ],
+        vllm_server_command(model_dir, vllm_port, MAX_MODEL_LEN),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -134,13 +120,7 @@ async def benchmark(args: argparse.Namespace) -> list[Run]:
                         )
                         runs.append(run)
     finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_all(servers)
     return runs
 
 

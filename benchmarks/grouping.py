@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from benchmarks.loadgen import Job, LoadRun, run_closed_loop, wait_ready
+from benchmarks.servers import stop_all
 from llmserve.config import EMBEDDED_MODEL_NAME
 
 RESULTS = Path(__file__).parent / "results"
@@ -112,13 +113,7 @@ async def benchmark(args: argparse.Namespace) -> list[LoadRun]:
                     )
                     runs.append(run)
     finally:
-        for server in servers:
-            server.terminate()
-        for server in servers:
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        stop_all(servers)
     return runs
 
 

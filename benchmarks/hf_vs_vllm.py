@@ -45,6 +45,7 @@ import aiohttp
 import psutil
 
 from benchmarks import loadgen
+from benchmarks.servers import vllm_server_command
 from llmserve.config import EMBEDDED_MODEL_NAME, Settings
 from llmserve.models.embedded import ensure_embedded_model
 
@@ -174,22 +175,7 @@ class CpuMeter:
 
 def server_command(target: str, model_dir: Path, port: int) -> list[str]:
     if target == "vllm":
-        return [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            EMBEDDED_MODEL_NAME,
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--port",
-            str(port),
-        ]
+        return vllm_server_command(model_dir, port, MAX_MODEL_LEN)
     batch = BATCH if target == "hf-batched" else 1
     return [
         sys.executable,
