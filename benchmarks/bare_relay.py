@@ -12,6 +12,8 @@ import argparse
 import aiohttp
 from aiohttp import web
 
+from benchmarks.servers import run_aiohttp
+
 
 def build_app(upstream: str) -> web.Application:
     async def start(app: web.Application) -> None:
@@ -47,15 +49,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--upstream", default="http://127.0.0.1:9000")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(
-        build_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None
-    )
+    run_aiohttp(build_app(args.upstream), args.port)
 
 
 if __name__ == "__main__":

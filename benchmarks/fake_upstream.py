@@ -14,6 +14,8 @@ import time
 import orjson
 from aiohttp import web
 
+from benchmarks.servers import run_aiohttp
+
 
 def _chunk(kind: str, index: int, finish: str | None) -> bytes:
     if kind == "chat":
@@ -80,19 +82,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--ttft-ms", type=float, default=50)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(
-        build_app(args.tokens_per_second, args.ttft_ms / 1000),
-        host="127.0.0.1",
-        port=args.port,
-        print=None,
-        access_log=None,
-    )
+    run_aiohttp(build_app(args.tokens_per_second, args.ttft_ms / 1000), args.port)
 
 
 if __name__ == "__main__":

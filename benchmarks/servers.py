@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from aiohttp import web
+
 from llmserve.config import EMBEDDED_MODEL_NAME
 
 # vLLM's own OpenAI server with the settings measured fastest on the 2-core CPU host.
@@ -46,3 +48,14 @@ def stop_all(processes: Iterable[subprocess.Popen[bytes]], grace_s: float = 30) 
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def run_aiohttp(app: web.Application, port: int) -> None:
+    """Serve a benchmark helper on loopback, on uvloop where installed, without access logs."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)

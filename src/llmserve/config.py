@@ -64,7 +64,8 @@ class UpstreamModel(_Model):
     # The model's name at the upstream; defaults to ``name``.
     upstream_model: str | None = None
     api_key: SecretStr | None = None
-    # Used for context-length checks when the upstream does not report it in /v1/models.
+    # The upstream's context length, reported in /v1/models. Not used to refuse prompts: counts
+    # here are estimates, so the context check is left to the upstream (its 400 is passed on).
     max_model_len: int | None = Field(default=None, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_token_timeout_s: float = Field(default=120.0, gt=0)

@@ -14,6 +14,7 @@ from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from llmserve.api.respond import authorize, respond_stream, respond_whole, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.auth.principal import principal_for
+from llmserve.config import UpstreamModel
 from llmserve.streaming.encoders import OpenAIStreamEncoder
 from llmserve.validation.request import GenerationRequest
 from llmserve.validation.validate import validate_chat, validate_completion
@@ -77,6 +78,9 @@ async def list_models(request: Request, gw: GatewayDep) -> dict[str, Any]:
 
 
 def _max_model_len(gw: Gateway, name: str) -> int | None:
+    config = gw.models.config(name)
+    if isinstance(config, UpstreamModel):  # its codec only estimates: report what was configured
+        return config.max_model_len
     try:
         return gw.models.get(name).codec.max_model_len
     except Exception:  # an engine still loading has no codec yet

@@ -42,9 +42,6 @@ _BYTES_PER_TOKEN = 4
 class EstimatingCodec:
     """Token counts estimated from bytes; the upstream applies its own template and limits."""
 
-    def __init__(self, max_model_len: int | None) -> None:
-        self.configured_max_model_len = max_model_len
-
     @property
     def max_model_len(self) -> int | None:
         # An estimate must not reject a prompt the upstream would take: let the upstream decide.
@@ -66,7 +63,7 @@ class UpstreamEngine:
 
     def __init__(self, config: UpstreamModel) -> None:
         self._config = config
-        self._codec = EstimatingCodec(config.max_model_len)
+        self._codec = EstimatingCodec()
         self._session: aiohttp.ClientSession | None = None
         self._open: dict[str, aiohttp.ClientResponse] = {}
         self._model = config.upstream_model or config.name

@@ -26,10 +26,6 @@ _REASONS: tuple[tuple[type[LLMServeError], str], ...] = (
     (EngineTimeout, "timeout"),
 )
 
-REASONS = frozenset(
-    {"auth", "validation", "engine_error", "internal", "draining", *(r for _, r in _REASONS)}
-)
-
 
 def reason_for(exc: BaseException) -> str:
     if isinstance(exc, QueueFull) and exc.code == "draining":
