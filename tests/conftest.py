@@ -17,6 +17,7 @@ from llmserve.app import create_app
 from llmserve.config import Limits, Settings, SimulatedModel
 from llmserve.engines.registry import ModelRegistry
 from llmserve.engines.simulated import SimulatedEngine
+from llmserve.server import uvicorn_config
 
 # The suite runs with API keys off unless a test turns them on (tests/auth does, with its own
 # keys file); servers started as subprocesses inherit this too.
@@ -67,9 +68,7 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
     registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
     app = create_app(settings, registry)
     port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http="httptools", log_level="warning", lifespan="on"
-    )
+    config = uvicorn_config(app, "127.0.0.1", port, "warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
 from llmserve.api import openai_routes, simple_routes
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
+from llmserve.api.security import SecurityHeaders
 from llmserve.api.state import Gateway
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.middleware import AuthMiddleware
@@ -69,6 +71,16 @@ def create_app(
     if keys is not None:
         app.add_middleware(AuthMiddleware, keys=keys, public_paths=settings.auth.public_paths)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    if settings.cors.allow_origins:
+        # Outside auth, so a preflight (which carries no key) is answered.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=list(settings.cors.allow_headers),
+            max_age=settings.cors.max_age_s,
+        )
+    app.add_middleware(SecurityHeaders)
     # Added last, so it runs first: every answer, refusals included, gets an id and a log line.
     app.add_middleware(AccessLogMiddleware, enabled=settings.observability.access_log)
     return app

@@ -124,6 +124,15 @@ class AuthConfig(_Strict):
     reload_interval_s: float = Field(default=2.0, gt=0)
 
 
+class CorsConfig(_Strict):
+    """Cross-origin browser access. Closed unless origins are listed: an API key in a browser page
+    is readable by anyone who loads it, so opening this is a deliberate choice."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ("authorization", "content-type", "x-request-id")
+    max_age_s: int = Field(default=600, ge=0)
+
+
 class RateLimitConfig(_Strict):
     """Per-key limits state: in memory (one replica) or in Redis (several replicas)."""
 
@@ -165,6 +174,7 @@ class Settings(BaseSettings):
     # On SIGTERM: stop admitting, let running requests finish this long, then abort the rest.
     drain_timeout_s: float = Field(default=30.0, ge=0)
     auth: AuthConfig = AuthConfig()
+    cors: CorsConfig = CorsConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
 

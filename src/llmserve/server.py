@@ -11,6 +11,7 @@ import time
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from llmserve.app import create_app
 from llmserve.config import Settings
@@ -67,6 +68,23 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def uvicorn_config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """How llmserve runs under uvicorn; the tests' in-process servers use the same options."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        log_level=log_level,
+        log_config=None,  # ours (logs.configure): JSON lines when asked, uvicorn's included
+        access_log=False,  # ours is richer: key, model, tokens, outcome
+        timeout_keep_alive=30,
+        server_header=False,  # no version banner for scanners
+        timeout_graceful_shutdown=_CANCEL_GRACE_S,
+    )
+
+
 def serve(settings: Settings) -> int:
     """Serve until stopped; returns the process exit code (1 if an engine failed to load)."""
     logs.configure(settings.log_level, settings.observability.log_format)
@@ -82,18 +100,7 @@ def serve(settings: Settings) -> int:
 
     models = ModelRegistry.from_config(settings.models, settings.cache_dir)
     app = create_app(settings, models, on_fatal=on_fatal)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
-        log_level=settings.log_level,
-        log_config=None,  # ours (logs.configure): JSON lines when asked, uvicorn's included
-        access_log=False,  # ours is richer: key, model, tokens, outcome
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=_CANCEL_GRACE_S,
-    )
+    config = uvicorn_config(app, settings.host, settings.port, settings.log_level)
     server = DrainingServer(config, models, settings.drain_timeout_s)
     server.run()
     return 1 if failed else 0
