@@ -7,6 +7,7 @@ reports TTFT and inter-token latency (p50/p99), throughput, and the gateway proc
 streamed token (psutil, user + system). Targets are interleaved per concurrency.
 
     .venv/bin/python -m benchmarks.overhead [--concurrency 16 64 256] [--litellm PATH]
+        [--before GIT_REF]   # also llmserve as of an earlier commit, for before/after
 
 LiteLLM: install it in its own environment (its pins clash with vLLM's), e.g.
 ``python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'``, and pass
@@ -32,7 +33,7 @@ import orjson
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
-UPSTREAM_PORT, RELAY_PORT, LLMSERVE_PORT, LITELLM_PORT = 9301, 9302, 9303, 9304
+UPSTREAM_PORT, RELAY_PORT, LLMSERVE_PORT, LITELLM_PORT, BEFORE_PORT = 9301, 9302, 9303, 9304, 9305
 # LiteLLM refuses to start without a master key; the other targets ignore the header.
 MASTER_KEY = "sk-overhead-benchmark"
 
@@ -73,6 +74,17 @@ def start_all(
     return procs
 
 
+def _checkout(ref: str, tmp: Path) -> Path:
+    """``ref`` of this repository in a detached worktree under ``tmp`` (removed by git gc)."""
+    path = tmp / "before"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(path), ref],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
 def _fake_upstream(args: argparse.Namespace) -> subprocess.Popen[bytes]:
     py = sys.executable
     return start(
@@ -111,6 +123,13 @@ def _start_gateways(
         [py, "-m", "llmserve", "serve", "--config", str(config), "--port", str(LLMSERVE_PORT)]
     )
     procs["llmserve"] = (f"http://127.0.0.1:{LLMSERVE_PORT}", gateway)
+    if args.before:
+        # The same gateway from an earlier commit, same config, same run: before vs after.
+        before = start(
+            [py, "-m", "llmserve", "serve", "--config", str(config), "--port", str(BEFORE_PORT)],
+            env={"PYTHONPATH": str(_checkout(args.before, tmp) / "src")},
+        )
+        procs[f"llmserve @{args.before}"] = (f"http://127.0.0.1:{BEFORE_PORT}", before)
     if args.litellm:
         lite_config = tmp / "litellm.yaml"
         lite_config.write_text(
@@ -182,9 +201,13 @@ async def measure(
     )  # warm
     cpu0 = sum(watched.cpu_times()[:2]) if watched else 0.0
     started = time.perf_counter()
-    results = await asyncio.gather(
-        *(one(session, url, tokens, model) for _ in range(concurrency * rounds))
-    )
+
+    async def worker() -> list[tuple[float, list[float], int]]:
+        # ``concurrency`` streams open at any time, each running ``rounds`` requests in turn.
+        return [await one(session, url, tokens, model) for _ in range(rounds)]
+
+    per_worker = await asyncio.gather(*(worker() for _ in range(concurrency)))
+    results = [r for done in per_worker for r in done]
     elapsed = time.perf_counter() - started
     cpu1 = sum(watched.cpu_times()[:2]) if watched else 0.0
     ttfts = [r[0] for r in results if not r[2]]
@@ -233,6 +256,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
         for _, proc in procs.values():
             if proc is not None:
                 proc.terminate()
+        if args.before:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")])
     return rows
 
 
@@ -355,6 +380,9 @@ def main() -> None:
     )
     parser.add_argument("--model", default="fake", help="the model name at the upstream")
     parser.add_argument("--out", default="overhead", help="report name under results/")
+    parser.add_argument(
+        "--before", metavar="GIT_REF", help="also run llmserve as of this commit (before/after)"
+    )
     args = parser.parse_args()
     report(asyncio.run(run(args)), args)
 

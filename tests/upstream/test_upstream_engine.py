@@ -707,3 +707,30 @@ async def test_upstream_stalled_between_tokens_gives_in_band_timeout() -> None:
     assert error["code"] == "timeout"
     assert error["type"] == "server_error"
     assert 0.4 < elapsed < 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections to the upstream are reused
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_finished_streams_give_their_connection_back_to_the_pool() -> None:
+    """A new TCP connection per request costs the gateway (and the upstream) more than the
+    request itself: a completed stream's connection is reused by the next request."""
+    peers: set[Any] = set()
+
+    async def complete_stream(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        response = await open_sse(request)
+        await response.write(chat_chunk("hi"))
+        await response.write(chat_chunk(finish="stop") + b"data: [DONE]\n\n")
+        await asyncio.sleep(0.05)  # the body's end comes a little after [DONE]
+        return response
+
+    async with gateway_before(complete_stream) as (b, fake):
+        for stream in (True, False, True, True, False):
+            answer = await post_chat(b, stream=stream)
+            assert answer.status_code == 200
+            assert "hi" in answer.text
+        assert len(fake.requests) == 5
+    assert len(peers) == 1, f"{len(peers)} connections for 5 sequential requests"

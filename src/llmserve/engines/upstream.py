@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Without the upstream's tokenizer we estimate: about four bytes of UTF-8 per token for English.
 _BYTES_PER_TOKEN = 4
+# After [DONE], how long the end of the body may take before the connection is just closed.
+_AFTER_DONE_S = 1.0
 
 
 class EstimatingCodec:
@@ -114,6 +116,7 @@ class UpstreamEngine:
         loop = asyncio.get_running_loop()
         silence = _Silence(loop, first_token_by, response)
         between = self._config.between_tokens_timeout_s
+        done = False  # [DONE] seen: the stream is complete, whatever follows
         try:
             if response.status != 200:
                 raise await _upstream_error(response)
@@ -121,6 +124,8 @@ class UpstreamEngine:
             # per-token hot path of upstream streams.
             buffered = b""
             async for data in response.content.iter_any():
+                if done:
+                    continue  # nothing is expected after [DONE] but the end of the body
                 lines = (buffered + data).split(b"\n")
                 buffered = lines.pop()  # an incomplete last line waits for more bytes
                 for line in lines:
@@ -128,7 +133,12 @@ class UpstreamEngine:
                         continue  # blank separators, comments (keep-alives), event names
                     payload = line[5:].strip()
                     if payload == b"[DONE]":
-                        return
+                        # Read on to the end of the body (it follows at once), so the
+                        # connection goes back to the pool instead of being closed: a new
+                        # connection per request costs the gateway more than the request.
+                        done = True
+                        silence.end_soon(loop.time() + _AFTER_DONE_S)
+                        break
                     try:
                         chunk = orjson.loads(payload)
                     except orjson.JSONDecodeError as exc:
@@ -138,8 +148,11 @@ class UpstreamEngine:
                         # only sends keep-alives still times out.
                         silence.move(loop.time() + between)
                         yield event
-            raise EngineFailure("the upstream stream ended without [DONE]")
+            if not done:
+                raise EngineFailure("the upstream stream ended without [DONE]")
         except (aiohttp.ClientError, EngineFailure, TimeoutError) as exc:
+            if done:
+                return  # complete; the body's end did not follow in time: just close
             if silence.expired or isinstance(exc, TimeoutError):
                 raise EngineTimeout("the upstream engine sent no token in time") from exc
             if isinstance(exc, aiohttp.ClientError):
@@ -148,7 +161,10 @@ class UpstreamEngine:
         finally:
             silence.cancel()
             self._open.pop(request.request_id, None)
-            response.close()
+            if done and response.content.is_eof():
+                response.release()  # kept alive for the next request
+            else:
+                response.close()
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         s = request.sampling
@@ -222,6 +238,12 @@ class _Silence:
             self._handle.cancel()
             self._armed_at = deadline
             self._handle = self._loop.call_at(deadline, self._check)
+
+    def end_soon(self, deadline: float) -> None:
+        """A hard deadline, earlier or later than the current one."""
+        self._handle.cancel()
+        self.deadline = self._armed_at = deadline
+        self._handle = self._loop.call_at(deadline, self._check)
 
     def _check(self) -> None:
         if self._loop.time() < self.deadline:

@@ -79,13 +79,22 @@ class VllmEngine:
 
     async def start(self) -> None:
         from vllm import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         # Preparing the model and starting the engine core take tens of seconds: on a worker
         # thread, so /health keeps answering while they run.
         args = await asyncio.to_thread(self._engine_args)
         log.info("starting vLLM engine for %s: %s", self._config.name, args)
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, AsyncEngineArgs(**args))
+        # As an OpenAI server, llmserve takes `vllm serve`'s batch defaults: vLLM sizes
+        # max_num_seqs / max_num_batched_tokens by usage context, and the default context
+        # (ENGINE_CONTEXT) gets 128 / 2048 where `vllm serve` on an H100 gets 1024 / 8192, which
+        # capped an in-process engine at 128 running requests (same values on CPU either way).
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args,
+            AsyncEngineArgs(**args),
+            usage_context=UsageContext.OPENAI_API_SERVER,
+        )
         tokenizer = self._llm.get_tokenizer()
         self._codec = HfCodec(tokenizer, int(self._llm.model_config.max_model_len))
 
@@ -156,7 +165,14 @@ class VllmEngine:
 
     def unfinished_requests(self) -> int:
         """Requests vLLM still holds; zero once every request ended or was aborted."""
-        return int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+        if self._llm is None:
+            return 0
+        # AsyncLLM.get_num_unfinished_requests is newer than vLLM 0.26; its output processor
+        # (which the method reads) holds the same count in every supported version.
+        count = getattr(self._llm, "get_num_unfinished_requests", None)
+        if count is None:
+            count = self._llm.output_processor.get_num_unfinished_requests
+        return int(count())
 
     async def close(self) -> None:
         if self._llm is not None:

@@ -8,10 +8,10 @@ and the outcome. Never the key, never the prompt.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,7 +75,7 @@ def _request_id(scope: Scope) -> str:
             candidate = bytes(value).decode("latin-1")
             if _REQUEST_ID.match(candidate):
                 return candidate
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # uuid4 without building a UUID object
 
 
 def _fields(scope: Scope, request_id: str, status: int, started: float) -> dict[str, object]:

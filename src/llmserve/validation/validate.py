@@ -7,7 +7,7 @@ limits, renders and counts the prompt, and fits max_tokens into the model's cont
 from __future__ import annotations
 
 import asyncio
-import uuid
+import os
 
 from llmserve.api.protocol import (
     ChatCompletionRequest,
@@ -32,7 +32,7 @@ _INLINE_TOKENIZE_CHARS = 4096
 
 def new_request_id(kind: RequestKind) -> str:
     prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen"}[kind]
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{os.urandom(16).hex()}"
 
 
 async def validate_chat(
