@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,6 +18,12 @@ from pydantic_settings import (
 )
 
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("url must start with http:// or https://")
+    return value.rstrip("/")
 
 
 class _Strict(BaseModel):
@@ -40,6 +46,8 @@ class AdmissionConfig(_Strict):
 
 class _Model(_Strict):
     admission: AdmissionConfig = AdmissionConfig()
+    # Other public names for this model; responses and metrics use ``name``.
+    aliases: tuple[str, ...] = ()
 
 
 class VllmModel(_Model):
@@ -55,29 +63,109 @@ class VllmModel(_Model):
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
 
 
-class UpstreamModel(_Model):
-    """A model served by an OpenAI-compatible server elsewhere (``vllm serve``, TGI, SGLang...)."""
+class RoutingConfig(_Strict):
+    """How a model's requests are spread over its replicas."""
 
-    engine: Literal["openai"]
-    name: str
+    # least_outstanding: the replica with the fewest requests in flight. session: the same
+    # session (header, else the body's ``user``) always goes to the same replica. prefix: the
+    # same prompt prefix goes to the same replica, so vLLM's prefix cache is hit.
+    policy: Literal["least_outstanding", "session", "prefix"] = "least_outstanding"
+    session_header: str = "x-session-id"
+    prefix_chars: int = Field(default=1024, gt=0)
+
+
+class HealthConfig(_Strict):
+    """Active checks (GET /health) and passive ones (errors, timeouts, stalled streams)."""
+
+    interval_s: float = Field(default=5.0, gt=0)
+    # A replica taken out is probed this often until it answers again.
+    probe_interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+    # Consecutive failed requests that take a replica out.
+    eject_after_failures: int = Field(default=1, gt=0)
+
+
+class UpstreamReplica(_Strict):
     url: str
+    # Overrides the model's api_key for this replica.
+    api_key: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _http_url(value)
+
+
+class _Remote(_Model):
+    """What every model behind OpenAI-compatible servers shares: routing, health, timeouts."""
+
     # The model's name at the upstream; defaults to ``name``.
     upstream_model: str | None = None
-    api_key: SecretStr | None = None
     # The upstream's context length, reported in /v1/models. Not used to refuse prompts: counts
     # here are estimates, so the context check is left to the upstream (its 400 is passed on).
     max_model_len: int | None = Field(default=None, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     first_token_timeout_s: float = Field(default=120.0, gt=0)
     between_tokens_timeout_s: float = Field(default=60.0, gt=0)
+    # Queue and generation together; None means limits.request_timeout_s.
+    total_timeout_s: float | None = Field(default=None, gt=0)
     max_connections: int = Field(default=1000, gt=0)
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+
+
+class UpstreamModel(_Remote):
+    """A model served by OpenAI-compatible servers elsewhere (``vllm serve``, TGI, SGLang...):
+    ``url`` for one, ``replicas`` for several."""
+
+    engine: Literal["openai"]
+    name: str
+    url: str | None = None
+    replicas: tuple[UpstreamReplica, ...] = ()
+    api_key: SecretStr | None = None
 
     @field_validator("url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("url must start with http:// or https://")
-        return value.rstrip("/")
+    def _http_url(cls, value: str | None) -> str | None:
+        return _http_url(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_way_to_say_where(self) -> UpstreamModel:
+        if (self.url is None) == (not self.replicas):
+            raise ValueError("give either url (one replica) or replicas (one or more), not both")
+        return self
+
+    @property
+    def endpoints(self) -> tuple[UpstreamReplica, ...]:
+        if self.url is not None:
+            return (UpstreamReplica(url=self.url, api_key=self.api_key),)
+        return tuple(
+            r if r.api_key is not None else UpstreamReplica(url=r.url, api_key=self.api_key)
+            for r in self.replicas
+        )
+
+
+class ManagedModel(_Remote):
+    """``vllm serve`` processes that llmserve starts on loopback, health-checks and restarts with
+    backoff when they exit; a crash never takes down the gateway or the other models."""
+
+    engine: Literal["managed"]
+    name: str
+    # A local folder or a Hugging Face name; None means the embedded default (prepared once).
+    model: str | None = None
+    replicas: int = Field(default=1, gt=0, le=64)
+    # Extra arguments for vLLM's OpenAI server (--tensor-parallel-size, --max-model-len, ...).
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    # The whole command instead of vLLM's server; "{port}" and "{model}" are filled in.
+    command: tuple[str, ...] | None = None
+    # The first replica listens here, the next on base_port + 1...; None: free ports.
+    base_port: int | None = Field(default=None, gt=0, le=65535)
+    startup_timeout_s: float = Field(default=900.0, gt=0)
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=60.0, gt=0)
+    # CPU builds of vLLM reserve this much host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
 
 
 class SimulatedModel(_Model):
@@ -90,7 +178,9 @@ class SimulatedModel(_Model):
     max_model_len: int = Field(default=4096, gt=0)
 
 
-ModelConfig = Annotated[VllmModel | UpstreamModel | SimulatedModel, Field(discriminator="engine")]
+ModelConfig = Annotated[
+    VllmModel | UpstreamModel | ManagedModel | SimulatedModel, Field(discriminator="engine")
+]
 
 
 def _embedded() -> ModelConfig:
@@ -185,9 +275,9 @@ class Settings(BaseSettings):
     @field_validator("models")
     @classmethod
     def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
-        names = [m.name for m in models]
+        names = [name for m in models for name in (m.name, *m.aliases)]
         if len(names) != len(set(names)):
-            raise ValueError(f"model names must be unique, got {names}")
+            raise ValueError(f"model names and aliases must be unique, got {names}")
         return models
 
     @classmethod

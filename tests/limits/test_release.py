@@ -110,13 +110,13 @@ async def success_stream(case: Case) -> None:
 async def engine_unreachable(case: Case) -> None:
     response = await case.client.post(PATH, json=long_request("down"))
     assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert response.json()["error"]["code"] == "no_healthy_replica"
 
 
 async def engine_unreachable_stream(case: Case) -> None:
     response = await case.client.post(PATH, json=long_request("down", stream=True))
     assert response.status_code == 503, response.text  # failed before the first byte
-    assert response.json()["error"]["code"] == "engine_unavailable"
+    assert response.json()["error"]["code"] == "no_healthy_replica"
 
 
 def failing_after_first_token(engine: SimulatedEngine) -> None:

@@ -490,12 +490,17 @@ async def test_upstream_down_gives_503_before_any_stream_byte(stream: bool) -> N
         assert not raw.startswith(b"data:")
         error = orjson.loads(raw)["error"]
         assert error["type"] == "server_error"
-        assert error["code"] == "engine_unavailable"
-        assert "unreachable" in error["message"]
+        assert error["code"] == "no_healthy_replica"  # its health check failed
+        assert "no healthy replica" in error["message"]
 
         ready = await client.get("/ready")
         assert ready.status_code == 503
-        assert ready.json() == {"status": "not ready", "models": {"up": False, "up-slow": False}}
+        assert ready.json() == {
+            "status": "not ready",
+            "not_ready": ["up", "up-slow"],
+            "models": {"up": False, "up-slow": False},
+            "replicas": {"up": {"healthy": 0, "total": 1}, "up-slow": {"healthy": 0, "total": 1}},
+        }
 
 
 async def test_upstream_down_with_the_openai_client() -> None:
@@ -573,7 +578,7 @@ async def test_stream_cut_without_done_gives_in_band_error(ending: str) -> None:
     assert payloads[-1] == "[DONE]"
     error = payloads[-2]["error"]
     assert error["type"] == "server_error"
-    assert error["code"] == "engine_error"
+    assert error["code"] == "upstream_broken_stream"
     assert not any(
         choice.get("finish_reason")
         for p in payloads
@@ -615,7 +620,7 @@ async def test_garbage_after_tokens_gives_in_band_error() -> None:
     payloads = sse_payloads(response.content)
     assert streamed_chat_text(payloads) == " fine"
     assert payloads[-1] == "[DONE]"
-    assert payloads[-2]["error"]["code"] == "engine_error"
+    assert payloads[-2]["error"]["code"] == "upstream_malformed"
     assert "malformed" in payloads[-2]["error"]["message"]
 
 
@@ -629,7 +634,7 @@ async def test_garbage_before_the_first_token_is_a_502() -> None:
     async with gateway_before(garbage) as (b, _):
         response = await post_chat(b)
     assert response.status_code == 502
-    assert response.json()["error"]["code"] == "engine_error"
+    assert response.json()["error"]["code"] == "upstream_malformed"
 
 
 async def test_upstream_in_band_error_is_relayed_in_band() -> None:
@@ -668,7 +673,7 @@ async def test_upstream_silent_before_first_token_gives_504(hang: str, stream: b
     assert response.status_code == 504
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
-    assert error["code"] == "timeout"
+    assert error["code"] == "first_token_timeout"
     assert error["type"] == "server_error"
     assert 0.4 < elapsed < 2.0
 
@@ -704,7 +709,7 @@ async def test_upstream_stalled_between_tokens_gives_in_band_timeout() -> None:
     assert streamed_chat_text(payloads) == " one two"
     assert payloads[-1] == "[DONE]"
     error = payloads[-2]["error"]
-    assert error["code"] == "timeout"
+    assert error["code"] == "between_tokens_timeout"
     assert error["type"] == "server_error"
     assert 0.4 < elapsed < 2.0
 

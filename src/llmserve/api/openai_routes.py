@@ -14,7 +14,7 @@ from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from llmserve.api.respond import authorize, respond_stream, respond_whole, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.auth.principal import principal_for
-from llmserve.config import UpstreamModel
+from llmserve.config import ManagedModel, UpstreamModel
 from llmserve.streaming.encoders import OpenAIStreamEncoder
 from llmserve.validation.request import GenerationRequest
 from llmserve.validation.validate import validate_chat, validate_completion
@@ -29,9 +29,11 @@ async def chat_completions(
     request: Request,
     gw: GatewayDep,
 ) -> Response:
-    engine = gw.models.get(body.model)
-    authorize(request, body.model)
-    generation = await validate_chat(body, engine.codec, gw.settings.limits)
+    name = gw.models.canonical(body.model)
+    authorize(request, body.model, name)
+    if name != body.model:  # an alias: responses, limits and metrics use the model's name
+        body = body.model_copy(update={"model": name})
+    generation = await validate_chat(body, gw.models.get(name).codec, gw.settings.limits)
     return await _respond(request, gw, generation, body.stream, body.stream_options)
 
 
@@ -41,9 +43,11 @@ async def completions(
     request: Request,
     gw: GatewayDep,
 ) -> Response:
-    engine = gw.models.get(body.model)
-    authorize(request, body.model)
-    generation = await validate_completion(body, engine.codec, gw.settings.limits)
+    name = gw.models.canonical(body.model)
+    authorize(request, body.model, name)
+    if name != body.model:  # an alias: responses, limits and metrics use the model's name
+        body = body.model_copy(update={"model": name})
+    generation = await validate_completion(body, gw.models.get(name).codec, gw.settings.limits)
     return await _respond(request, gw, generation, body.stream, body.stream_options)
 
 
@@ -59,16 +63,21 @@ async def _respond(
 
 @router.get("/v1/models")
 async def list_models(request: Request, gw: GatewayDep) -> dict[str, Any]:
-    """The models this key may use."""
+    """The models this key may use and that can answer now (at least one healthy replica),
+    under every public name; an alias names its model in ``root``."""
     created = int(time.time())
     principal = principal_for(request)
     data = []
-    for name in filter(principal.allows, gw.models.names):
+    healthy = await gw.models.health()
+    for public, name in gw.models.public_names.items():
+        if not healthy.get(name) or not (principal.allows(public) or principal.allows(name)):
+            continue
         entry: dict[str, Any] = {
-            "id": name,
+            "id": public,
             "object": "model",
             "created": created,
             "owned_by": "llmserve",
+            "root": name,
         }
         codec_len = _max_model_len(gw, name)
         if codec_len is not None:
@@ -79,7 +88,9 @@ async def list_models(request: Request, gw: GatewayDep) -> dict[str, Any]:
 
 def _max_model_len(gw: Gateway, name: str) -> int | None:
     config = gw.models.config(name)
-    if isinstance(config, UpstreamModel):  # its codec only estimates: report what was configured
+    if isinstance(
+        config, UpstreamModel | ManagedModel
+    ):  # its codec only estimates: report what was configured
         return config.max_model_len
     try:
         return gw.models.get(name).codec.max_model_len

@@ -10,6 +10,7 @@ SSE error event, and the stream still ends cleanly. Whatever happens, ``RequestR
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from llmserve.api.admit import ticket_for
 from llmserve.api.errors import json_response
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
+from llmserve.config import ManagedModel, UpstreamModel
 from llmserve.engines.events import EngineEvent
 from llmserve.errors import LLMServeError, PermissionDenied
 from llmserve.observability.request_metrics import RequestRecord
@@ -36,22 +38,24 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def authorize(request: Request, model: str) -> None:
-    """403 unless the caller's key may use ``model``."""
-    if not principal_for(request).allows(model):
+def authorize(request: Request, model: str, canonical: str | None = None) -> None:
+    """403 unless the caller's key may use ``model`` (by that name or its model's name)."""
+    principal = principal_for(request)
+    if not principal.allows(model) and not (canonical and principal.allows(canonical)):
         raise PermissionDenied(f"this API key may not use the model '{model[:256]}'", param="model")
 
 
 async def start(request: Request, gw: Gateway, generation: GenerationRequest) -> RequestRun:
     """Reserve the key's quota (429 when over it), then set up queue and engine."""
     principal = principal_for(request)
-    ticket = ticket_for(
-        request,
-        generation,
-        principal,
-        gw.models.config(generation.model),
-        gw.settings.limits.request_timeout_s,
-    )
+    config = gw.models.config(generation.model)
+    timeout_s = gw.settings.limits.request_timeout_s
+    if isinstance(config, UpstreamModel | ManagedModel):
+        timeout_s = min(timeout_s, config.total_timeout_s or timeout_s)
+        session = request.headers.get(config.routing.session_header)
+        if session:
+            generation = dataclasses.replace(generation, session=session)
+    ticket = ticket_for(request, generation, principal, config, timeout_s)
     reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
     record = RequestRecord(generation, principal.name)
     record.start_span(dict(request.headers))
@@ -59,7 +63,7 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
     return RequestRun(
         gw.models.get(generation.model),
         generation,
-        gw.settings.limits.request_timeout_s,
+        timeout_s,
         gw.models.admission(generation.model),
         ticket,
         gw.limiter,

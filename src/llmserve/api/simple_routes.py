@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -27,10 +27,12 @@ async def generate(
     request: Request,
     gw: GatewayDep,
 ) -> Response:
-    model = body.model or gw.models.default
-    engine = gw.models.get(model)
-    authorize(request, model)
-    generation = await validate_generate(body, model, engine.codec, gw.settings.limits)
+    requested = body.model or gw.models.default
+    model = gw.models.canonical(requested)
+    authorize(request, requested, model)
+    generation = await validate_generate(
+        body, model, gw.models.get(model).codec, gw.settings.limits
+    )
     run = await start(request, gw, generation)
     return await respond_stream(
         request, run, GenerateStreamEncoder(), gw.settings.keepalive_interval_s
@@ -45,12 +47,23 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=None)
 async def ready(gw: GatewayDep) -> Response:
+    """Ready when every model can answer (a replicated model: at least one healthy replica).
+    The body says which cannot, and how many replicas each has in."""
     models = await gw.models.health()
+    body: dict[str, Any] = {"models": models}
+    replicas = {
+        name: {"healthy": sum(r.healthy for r in status), "total": len(status)}
+        for name in models
+        if (status := gw.models.replicas(name)) is not None
+    }
+    if replicas:
+        body["replicas"] = replicas
     if gw.models.draining:
-        return json_response(503, {"status": "draining", "models": models})
-    status = 200 if all(models.values()) else 503
-    body = {"status": "ready" if status == 200 else "not ready", "models": models}
-    return json_response(status, body)
+        return json_response(503, {"status": "draining", **body})
+    unready = [name for name, ok in models.items() if not ok]
+    if unready:
+        return json_response(503, {"status": "not ready", "not_ready": unready, **body})
+    return json_response(200, {"status": "ready", **body})
 
 
 @router.get("/metrics")

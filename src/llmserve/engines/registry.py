@@ -6,11 +6,13 @@ import asyncio
 import logging
 from pathlib import Path
 
-from llmserve.config import ModelConfig, SimulatedModel, UpstreamModel, VllmModel
+from llmserve.config import ManagedModel, ModelConfig, SimulatedModel, UpstreamModel, VllmModel
 from llmserve.engines.base import Engine
+from llmserve.engines.managed import ManagedServer
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.engines.upstream import UpstreamEngine
 from llmserve.errors import ModelNotFound
+from llmserve.routing.replicated import ReplicaStatus, ReplicatedEngine
 from llmserve.scheduling.admission import Admission
 from llmserve.scheduling.queue_state import QueueLimits
 
@@ -21,7 +23,14 @@ def build_engine(config: ModelConfig, cache_dir: Path) -> Engine:
     if isinstance(config, SimulatedModel):
         return SimulatedEngine(config)
     if isinstance(config, UpstreamModel):
-        return UpstreamEngine(config)
+        endpoints = config.endpoints
+        upstreams = [UpstreamEngine(config, e.url, e.api_key) for e in endpoints]
+        labels = [e.url for e in endpoints]
+        return ReplicatedEngine(config.name, upstreams, labels, config.routing, config.health)
+    if isinstance(config, ManagedModel):
+        servers = [ManagedServer(config, i, cache_dir) for i in range(config.replicas)]
+        labels = [s.label for s in servers]
+        return ReplicatedEngine(config.name, servers, labels, config.routing, config.health)
     assert isinstance(config, VllmModel)
     # Imported here so that gateways without an in-process engine never import vLLM.
     from llmserve.engines.vllm_engine import VllmEngine
@@ -30,13 +39,17 @@ def build_engine(config: ModelConfig, cache_dir: Path) -> Engine:
 
 
 class ModelRegistry:
-    """The served models, in configuration order; the first is the default for ``/generate``."""
+    """The served models, in configuration order; the first is the default for ``/generate``.
+    Every lookup takes a model's name or one of its aliases."""
 
     def __init__(self, engines: dict[str, Engine], configs: dict[str, ModelConfig]) -> None:
         if not engines:
             raise ValueError("at least one model must be configured")
         self._engines = engines
         self._configs = configs
+        self._canonical = {name: name for name in engines} | {
+            alias: name for name in engines for alias in configs[name].aliases
+        }
         self._admissions = {name: Admission(_queue_limits(configs[name])) for name in engines}
         self.draining = False
         # The last health check of each engine (False until one passed), for /metrics.
@@ -52,25 +65,38 @@ class ModelRegistry:
         return list(self._engines)
 
     @property
+    def public_names(self) -> dict[str, str]:
+        """Every name a client may ask for (names and aliases) → the model's name."""
+        return dict(self._canonical)
+
+    def canonical(self, name: str) -> str:
+        """The model's name for one of its public names (404 for an unknown one)."""
+        try:
+            return self._canonical[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"The model '{name[:256]}' does not exist. Served models: "
+                f"{', '.join(self._canonical)}",
+                param="model",
+            ) from None
+
+    @property
     def default(self) -> str:
         return next(iter(self._engines))
 
     def get(self, name: str) -> Engine:
-        try:
-            return self._engines[name]
-        except KeyError:
-            raise ModelNotFound(
-                f"The model '{name[:256]}' does not exist. Served models: {', '.join(self.names)}",
-                param="model",
-            ) from None
+        return self._engines[self.canonical(name)]
 
     def admission(self, name: str) -> Admission:
-        self.get(name)
-        return self._admissions[name]
+        return self._admissions[self.canonical(name)]
 
     def config(self, name: str) -> ModelConfig:
-        self.get(name)
-        return self._configs[name]
+        return self._configs[self.canonical(name)]
+
+    def replicas(self, name: str) -> list[ReplicaStatus] | None:
+        """Per-replica health and load of a replicated model; None for a single engine."""
+        engine = self.get(name)
+        return engine.status() if isinstance(engine, ReplicatedEngine) else None
 
     def start_draining(self) -> None:
         """Stop admitting: new requests get 503; queued and running ones carry on."""

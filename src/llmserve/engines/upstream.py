@@ -14,8 +14,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+from pydantic import SecretStr
 
-from llmserve.config import UpstreamModel
+from llmserve.config import ManagedModel, UpstreamModel
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
@@ -61,14 +62,23 @@ class EstimatingCodec:
 
 
 class UpstreamEngine:
-    """One OpenAI-compatible server for one model (replicas come with routing)."""
+    """One OpenAI-compatible server: one replica of a model (``ReplicatedEngine`` routes among
+    them). Every failure carries a ``code`` saying what went wrong, for failover and metrics."""
 
-    def __init__(self, config: UpstreamModel) -> None:
+    def __init__(
+        self, config: UpstreamModel | ManagedModel, url: str, api_key: SecretStr | None = None
+    ) -> None:
         self._config = config
+        self._url = url
+        self._api_key = api_key
         self._codec = EstimatingCodec()
         self._session: aiohttp.ClientSession | None = None
         self._open: dict[str, aiohttp.ClientResponse] = {}
         self._model = config.upstream_model or config.name
+
+    @property
+    def url(self) -> str:
+        return self._url
 
     @property
     def codec(self) -> EstimatingCodec:
@@ -76,10 +86,10 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         headers = {}
-        if self._config.api_key is not None:
-            headers["Authorization"] = f"Bearer {self._config.api_key.get_secret_value()}"
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key.get_secret_value()}"
         self._session = aiohttp.ClientSession(
-            base_url=self._config.url + "/",
+            base_url=self._url + "/",
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self._config.max_connections),
             timeout=aiohttp.ClientTimeout(
@@ -106,17 +116,24 @@ class UpstreamEngine:
                 response = await self._client().post(
                     path, json=self._body(request), headers=dict(request.trace_headers)
                 )
-        except aiohttp.ClientError as exc:  # before TimeoutError: connect timeouts are both
+        except aiohttp.ServerTimeoutError as exc:  # a connect timeout (also a TimeoutError)
+            raise EngineTimeout(
+                "the upstream engine did not accept the connection in time",
+                code="upstream_connect_timeout",
+            ) from exc
+        except aiohttp.ClientError as exc:
             raise EngineUnavailable(
-                f"the upstream engine is unreachable ({type(exc).__name__})"
+                f"the upstream engine is unreachable ({type(exc).__name__})",
+                code="upstream_unreachable",
             ) from exc
         except TimeoutError as exc:
-            raise EngineTimeout("the upstream engine sent no token in time") from exc
+            raise _no_token(started=False) from exc
         self._open[request.request_id] = response
         loop = asyncio.get_running_loop()
         silence = _Silence(loop, first_token_by, response)
         between = self._config.between_tokens_timeout_s
         done = False  # [DONE] seen: the stream is complete, whatever follows
+        started = False  # an event was yielded: later failures are "between tokens"
         try:
             if response.status != 200:
                 raise await _upstream_error(response)
@@ -142,21 +159,29 @@ class UpstreamEngine:
                     try:
                         chunk = orjson.loads(payload)
                     except orjson.JSONDecodeError as exc:
-                        raise EngineFailure("the upstream engine sent a malformed event") from exc
+                        raise EngineFailure(
+                            "the upstream engine sent a malformed event", code="upstream_malformed"
+                        ) from exc
                     for event in _chunk_events(chunk, chat):
                         # Comments and blank lines do not move the deadline: an upstream that
                         # only sends keep-alives still times out.
                         silence.move(loop.time() + between)
+                        started = True
                         yield event
             if not done:
-                raise EngineFailure("the upstream stream ended without [DONE]")
+                raise EngineFailure(
+                    "the upstream stream ended without [DONE]", code="upstream_broken_stream"
+                )
         except (aiohttp.ClientError, EngineFailure, TimeoutError) as exc:
             if done:
                 return  # complete; the body's end did not follow in time: just close
             if silence.expired or isinstance(exc, TimeoutError):
-                raise EngineTimeout("the upstream engine sent no token in time") from exc
+                raise _no_token(started) from exc
             if isinstance(exc, aiohttp.ClientError):
-                raise EngineFailure(f"the upstream stream broke ({type(exc).__name__})") from exc
+                raise EngineFailure(
+                    f"the upstream stream broke ({type(exc).__name__})",
+                    code="upstream_broken_stream",
+                ) from exc
             raise
         finally:
             silence.cancel()
@@ -257,6 +282,14 @@ class _Silence:
         self._handle.cancel()
 
 
+def _no_token(started: bool) -> EngineTimeout:
+    if started:
+        return EngineTimeout(
+            "the upstream engine stopped sending tokens", code="between_tokens_timeout"
+        )
+    return EngineTimeout("the upstream engine sent no token in time", code="first_token_timeout")
+
+
 def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     """Close the upstream stream and wake a reader blocked on it (closing alone does not)."""
     response.content.set_exception(exc)
@@ -265,11 +298,11 @@ def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
 
 def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
     if not isinstance(chunk, dict):
-        raise EngineFailure("the upstream engine sent a malformed event")
+        raise EngineFailure("the upstream engine sent a malformed event", code="upstream_malformed")
     if "error" in chunk:
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
-        raise EngineFailure(f"the upstream engine failed: {message}")
+        raise EngineFailure(f"the upstream engine failed: {message}", code="upstream_error")
     events: list[EngineEvent] = []
     for choice in chunk.get("choices") or ():
         index = int(choice.get("index", 0))
@@ -321,10 +354,13 @@ async def _upstream_error(response: aiohttp.ClientResponse) -> LLMServeError:
             code=code if isinstance(code, str) else None,
         )
     if response.status in (404,):
-        return EngineFailure(f"the upstream engine does not serve this model: {message}")
+        return EngineFailure(
+            f"the upstream engine does not serve this model: {message}", code="upstream_http_error"
+        )
     if response.status in (429, 503):
         return EngineUnavailable(
             f"the upstream engine is overloaded: {message}",
+            code="upstream_overloaded",
             headers={"Retry-After": response.headers.get("Retry-After", "1")},
         )
-    return EngineFailure(f"the upstream engine failed: {message}")
+    return EngineFailure(f"the upstream engine failed: {message}", code="upstream_http_error")

@@ -46,7 +46,20 @@ class QueueCollector(Collector):
             "1 when the model's engine passed its last health check (every few seconds).",
             labels=["model"],
         )
+        replica_up = GaugeMetricFamily(
+            "llmserve_replica_healthy",
+            "1 while a replica of a model is in rotation (health checks and failures decide).",
+            labels=["model", "replica"],
+        )
+        replica_running = GaugeMetricFamily(
+            "llmserve_replica_requests_in_flight",
+            "Requests running on a replica of a model.",
+            labels=["model", "replica"],
+        )
         for name in self._models.names:
+            for replica in self._models.replicas(name) or ():
+                replica_up.add_metric([name, replica.label], 1.0 if replica.healthy else 0.0)
+                replica_running.add_metric([name, replica.label], replica.outstanding)
             admission = self._models.admission(name)
             waiting.add_metric([name], admission.queued)
             tokens.add_metric([name], admission.state.waiting_tokens)
@@ -57,6 +70,8 @@ class QueueCollector(Collector):
             healthy.add_metric([name], 1.0 if self._models.healthy.get(name) else 0.0)
         draining.add_metric([], 1.0 if self._models.draining else 0.0)
         return [
+            replica_up,
+            replica_running,
             waiting,
             tokens,
             running,

@@ -61,3 +61,20 @@ RATE_LIMIT_STORE_ERRORS = Counter(
 RATE_LIMIT_STORE_UP = Gauge(
     "llmserve_rate_limit_store_up", "1 when the last rate-limit store operation succeeded."
 )
+
+UPSTREAM_FAILURES = Counter(
+    "llmserve_upstream_failures",
+    "Failed requests to a model's replica, by kind (unreachable, connect_timeout, "
+    "first_token_timeout, between_tokens_timeout, http_error, broken_stream, malformed, ...).",
+    ["model", "replica", "kind"],
+)
+FAILOVERS = Counter(
+    "llmserve_failovers",
+    "Requests retried on another replica after a failure before their first token.",
+    ["model"],
+)
+ENGINE_RESTARTS = Counter(
+    "llmserve_engine_restarts",
+    "Managed engine processes restarted after they exited.",
+    ["model", "replica"],
+)

@@ -50,3 +50,5 @@ class GenerationRequest:
     priority: int = 0
     # W3C trace context to pass to an upstream engine (traceparent, tracestate).
     trace_headers: tuple[tuple[str, str], ...] = ()
+    # Requests of one session go to the same replica under session affinity routing.
+    session: str | None = None

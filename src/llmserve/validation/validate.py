@@ -143,6 +143,7 @@ async def _build(
         sampling=sampling,
         messages=messages,
         priority=wire.priority,
+        session=wire.user,  # the session for affinity routing, unless a header names one
     )
 
 

@@ -1,0 +1,218 @@
+"""One model served by several engines (replicas): routing, failover and health in one place.
+
+A request goes to the replica the balancer picks. If that replica fails *before the first
+event*, the request is tried once more on another healthy replica; after the first event it is
+never retried (the client has text already, a retry would duplicate it) and the error reaches
+the client in band. A failed request counts against its replica (passive health), which is
+taken out and probed back in by the active checks (GET /health of each replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from llmserve.config import HealthConfig, RoutingConfig
+from llmserve.engines.base import Engine, PromptCodec
+from llmserve.engines.events import EngineEvent
+from llmserve.errors import EngineFailure, EngineTimeout, EngineUnavailable, LLMServeError
+from llmserve.observability import metrics as prom
+from llmserve.routing.balancer import Balancer
+from llmserve.validation.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# Failures that say nothing about the request itself: another replica may well succeed.
+_RETRYABLE = (EngineUnavailable, EngineFailure, EngineTimeout)
+# Error code → the failure kind in llmserve_upstream_failures_total (a bounded set).
+_KINDS = {
+    "upstream_unreachable": "unreachable",
+    "upstream_connect_timeout": "connect_timeout",
+    "first_token_timeout": "first_token_timeout",
+    "between_tokens_timeout": "between_tokens_timeout",
+    "upstream_http_error": "http_error",
+    "upstream_broken_stream": "broken_stream",
+    "upstream_malformed": "malformed",
+    "upstream_error": "upstream_error",
+    "upstream_overloaded": "overloaded",
+}
+# An overloaded replica is busy, not broken: fail over, but do not take it out.
+_NOT_EJECTING = frozenset({"upstream_overloaded"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    label: str
+    healthy: bool
+    outstanding: int
+
+
+class ReplicatedEngine:
+    """An Engine over replica Engines (upstream servers, managed ``vllm serve`` processes)."""
+
+    def __init__(
+        self,
+        model: str,
+        replicas: Sequence[Engine],
+        labels: Sequence[str],
+        routing: RoutingConfig,
+        health: HealthConfig,
+    ) -> None:
+        self._model = model
+        self._replicas = list(replicas)
+        self._routing = routing
+        self._health = health
+        self._balancer = Balancer(list(labels), health.eject_after_failures)
+        self._running: dict[str, int] = {}  # request id → replica index
+        self._aborted: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def codec(self) -> PromptCodec:
+        return self._replicas[0].codec
+
+    @property
+    def replicas(self) -> list[Engine]:
+        return list(self._replicas)
+
+    def status(self) -> list[ReplicaStatus]:
+        return [ReplicaStatus(r.label, r.healthy, r.outstanding) for r in self._balancer.replicas]
+
+    async def start(self) -> None:
+        await asyncio.gather(*(replica.start() for replica in self._replicas))
+        await self._probe(range(len(self._replicas)))
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await asyncio.gather(*(replica.close() for replica in self._replicas))
+
+    async def check_health(self) -> bool:
+        """Whether any replica is in; the checks themselves run on their own schedule."""
+        return self._balancer.any_healthy
+
+    async def abort(self, request_id: str) -> None:
+        index = self._running.get(request_id)
+        if index is not None:
+            self._aborted.add(request_id)
+            await self._replicas[index].abort(request_id)
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        affinity = self._affinity(request)
+        tried: list[int] = []
+        try:
+            while True:
+                index = self._balancer.pick(affinity, exclude=tried)
+                if index is None:
+                    raise self._none_left(tried)
+                tried.append(index)
+                started = False
+                events = self._replicas[index].generate(request)
+                self._running[request.request_id] = index
+                self._balancer.started(index)
+                try:
+                    async for event in events:
+                        started = True
+                        yield event
+                    self._balancer.succeeded(index)
+                    return
+                except _RETRYABLE as exc:
+                    if request.request_id in self._aborted:
+                        raise  # stopped on purpose (deadline): not the replica's fault
+                    self._failed(index, exc)
+                    if started or len(tried) > 1:
+                        raise
+                    retry = self._balancer.pick(affinity, exclude=tried) is not None
+                    if not retry:
+                        raise
+                    prom.FAILOVERS.labels(self._model).inc()
+                    log.warning(
+                        "model %s: replica %s failed before the first token (%s); retrying on "
+                        "another replica",
+                        self._model,
+                        self._balancer.replicas[index].label,
+                        exc.code,
+                    )
+                finally:
+                    self._balancer.ended(index)
+                    self._running.pop(request.request_id, None)
+                    await events.aclose()
+        finally:
+            self._aborted.discard(request.request_id)
+
+    def _affinity(self, request: GenerationRequest) -> str | None:
+        policy = self._routing.policy
+        if policy == "session":
+            return request.session
+        if policy == "prefix":
+            if request.messages is not None:
+                text = "\x00".join(f"{m.role}\x01{m.content}" for m in request.messages)
+            else:
+                text = request.prompt
+            return text[: self._routing.prefix_chars]
+        return None
+
+    def _failed(self, index: int, exc: LLMServeError) -> None:
+        label = self._balancer.replicas[index].label
+        kind = _KINDS.get(exc.code or "", "engine_error")
+        prom.UPSTREAM_FAILURES.labels(self._model, label, kind).inc()
+        if exc.code in _NOT_EJECTING:
+            return
+        if self._balancer.failed(index):
+            log.warning(
+                "model %s: replica %s taken out after a failed request (%s); probing it every %g s",
+                self._model,
+                label,
+                kind,
+                self._health.probe_interval_s,
+            )
+
+    def _none_left(self, tried: list[int]) -> EngineUnavailable:
+        total = len(self._replicas)
+        return EngineUnavailable(
+            f"no healthy replica of model '{self._model}' ({total - self._balancer.healthy_count}"
+            f" of {total} out)",
+            code="no_healthy_replica",
+            headers={"Retry-After": str(max(1, math.ceil(self._health.probe_interval_s)))},
+        )
+
+    async def _watch(self) -> None:
+        """Healthy replicas are checked every interval_s, the ones out every probe_interval_s."""
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + self._health.interval_s
+        step = min(self._health.interval_s, self._health.probe_interval_s)
+        while True:
+            await asyncio.sleep(step)
+            full = loop.time() >= next_full
+            if full:
+                next_full = loop.time() + self._health.interval_s
+            due = [i for i, r in enumerate(self._balancer.replicas) if full or not r.healthy]
+            if due:
+                await self._probe(due)
+
+    async def _probe(self, indexes: Sequence[int] | range) -> None:
+        results = await asyncio.gather(*(self._check(i) for i in indexes))
+        for index, healthy in zip(indexes, results, strict=True):
+            replica = self._balancer.replicas[index]
+            if healthy != replica.healthy:
+                log.log(
+                    logging.INFO if healthy else logging.WARNING,
+                    "model %s: replica %s is %s",
+                    self._model,
+                    replica.label,
+                    "back in" if healthy else "out (health check failed)",
+                )
+            self._balancer.checked(index, healthy)
+
+    async def _check(self, index: int) -> bool:
+        try:
+            return await asyncio.wait_for(
+                self._replicas[index].check_health(), self._health.timeout_s
+            )
+        except (TimeoutError, OSError, LLMServeError):
+            return False
