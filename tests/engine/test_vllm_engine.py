@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from llmserve.config import Settings, VllmModel
+from llmserve.config import ManagedModel, Settings, VllmModel
 from llmserve.engines.vllm_engine import VllmEngine
 from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
@@ -24,12 +24,23 @@ from tests.conftest import RunningServer, serve
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "smollm2-135m-instruct"
+SERVED = "smollm2-served"  # the same model behind a managed `vllm serve`
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vllm_server() -> AsyncIterator[RunningServer]:
-    settings = Settings(models=[VllmModel(engine_args={"max_model_len": 2048})])
+    settings = Settings(
+        models=[
+            VllmModel(engine_args={"max_model_len": 2048}),
+            ManagedModel(
+                engine="managed",
+                name=SERVED,
+                args=("--max-model-len", "2048"),
+                startup_timeout_s=400,
+            ),
+        ]
+    )
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url) as client:
             deadline = time.monotonic() + 400
@@ -212,3 +223,73 @@ async def test_metrics_show_vllm_and_llmserve_series(vllm_server: RunningServer)
     assert "vllm:kv_cache_usage_perc" in text
     assert f'llmserve_generation_tokens_total{{key="anonymous",model="{MODEL}"}}' in text
     assert f'llmserve_requests_in_flight{{model="{MODEL}"}} 0.0' in text
+
+
+# ---------------------------------------------------------------------------------------------
+# One gateway, two engines: in process, and a real `vllm serve` it manages
+# ---------------------------------------------------------------------------------------------
+
+
+def served_port(server: RunningServer) -> int:
+    from llmserve.engines.managed import ManagedServer
+    from llmserve.routing.replicated import ReplicatedEngine
+
+    replicated = server.models.get(SERVED)
+    assert isinstance(replicated, ReplicatedEngine)
+    (replica,) = replicated.replicas
+    assert isinstance(replica, ManagedServer)
+    return replica.port
+
+
+async def vllm_serve_metric(server: RunningServer, name: str) -> float:
+    """A counter or gauge summed over its series, read from the `vllm serve` process itself."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served_port(server)}") as http:
+        text = (await http.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+async def test_requests_are_routed_by_model_name_to_each_engine(
+    vllm_server: RunningServer,
+) -> None:
+    api = client(vllm_server)
+    served_before = await vllm_serve_metric(vllm_server, "vllm:request_success_total")
+    local_before = engine(vllm_server).unfinished_requests()
+    local, remote = await asyncio.gather(
+        api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0),
+        api.chat.completions.create(model=SERVED, messages=QUESTION, max_tokens=12, temperature=0),
+    )
+    assert local.model == MODEL
+    assert remote.model == SERVED
+    # The same weights, greedy, fp32 on both sides: the same answer.
+    assert local.choices[0].message.content == remote.choices[0].message.content
+    assert "Paris" in (remote.choices[0].message.content or "")
+    assert await vllm_serve_metric(vllm_server, "vllm:request_success_total") == served_before + 1
+    assert engine(vllm_server).unfinished_requests() == local_before == 0
+    listed = {m.id for m in (await api.models.list()).data}
+    assert {MODEL, SERVED} <= listed
+
+
+async def test_streams_through_vllm_serve_and_a_disconnect_aborts_there(
+    vllm_server: RunningServer,
+) -> None:
+    body = {"model": SERVED, "prompt": "Once upon a time", "max_tokens": 2000, "stream": True}
+    body["ignore_eos"] = True
+    async with (
+        httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        seen = 0
+        async for line in response.aiter_lines():
+            seen += line.startswith("data:")
+            if seen >= 3:
+                break
+        assert await vllm_serve_metric(vllm_server, "vllm:num_requests_running") == 1
+    deadline = time.monotonic() + 5
+    while await vllm_serve_metric(vllm_server, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"
+        await asyncio.sleep(0.1)
