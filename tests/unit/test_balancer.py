@@ -17,11 +17,17 @@ def healthy_balancer(n: int, eject_after: int = 1) -> Balancer:
     return balancer
 
 
-def test_no_replica_is_used_before_its_first_passing_check() -> None:
+def test_unchecked_replicas_are_used_but_not_counted_healthy() -> None:
     balancer = Balancer(["a", "b"])
+    assert balancer.pick() is not None
+    assert not balancer.any_healthy
+    balancer.checked(0, False)
+    assert balancer.pick() == 1
+    assert balancer.failed(1) is True  # a failed request takes an unchecked replica out too
     assert balancer.pick() is None
     balancer.checked(1, True)
     assert balancer.pick() == 1
+    assert balancer.healthy_count == 1
 
 
 def test_least_outstanding_goes_to_the_least_busy_replica() -> None:

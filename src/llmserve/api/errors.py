@@ -10,11 +10,11 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from llmserve.auth.principal import principal_for
-from llmserve.errors import LLMServeError
+from llmserve.errors import ClientDisconnected, LLMServeError
 from llmserve.observability.metrics import REJECTIONS
 from llmserve.observability.reasons import reason_for
 
@@ -50,8 +50,16 @@ def count_rejection(reason: str, key: str) -> None:
 
 async def _llmserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LLMServeError)
-    count_rejection(reason_for(exc), principal_for(request).name)
+    # A client that left was not refused: its request is counted once, as a disconnect, by the
+    # request's own record (llmserve_requests_total), where it had one.
+    if not isinstance(exc, ClientDisconnected):
+        count_rejection(reason_for(exc), principal_for(request).name)
     return json_response(exc.status, body_for(exc), exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client disconnected while sending its body: nobody reads this answer."""
+    return json_response(499, body_for(ClientDisconnected("the client disconnected")))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -85,6 +93,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LLMServeError, _llmserve_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

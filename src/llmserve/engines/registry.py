@@ -110,9 +110,21 @@ class ModelRegistry:
         return sum(a.in_flight + a.queued for a in self._admissions.values())
 
     async def start(self) -> None:
-        for name, engine in self._engines.items():
+        """Start every engine. In-process vLLM engines load one after another (each sizes its
+        KV cache from the memory it finds free); the others start meanwhile, so a slow or
+        unreachable one holds back no other model."""
+
+        async def one(name: str) -> None:
             log.info("starting engine for model %s", name)
-            await engine.start()
+            await self._engines[name].start()
+
+        async def in_process_in_turn() -> None:
+            for name, config in self._configs.items():
+                if isinstance(config, VllmModel):
+                    await one(name)
+
+        others = [one(n) for n, c in self._configs.items() if not isinstance(c, VllmModel)]
+        await asyncio.gather(in_process_in_turn(), *others)
 
     async def health(self) -> dict[str, bool]:
         results = await asyncio.gather(*(e.check_health() for e in self._engines.values()))

@@ -162,7 +162,7 @@ class UpstreamEngine:
                         raise EngineFailure(
                             "the upstream engine sent a malformed event", code="upstream_malformed"
                         ) from exc
-                    for event in _chunk_events(chunk, chat):
+                    for event in _chunk_events(chunk, chat, request.sampling.n):
                         # Comments and blank lines do not move the deadline: an upstream that
                         # only sends keep-alives still times out.
                         silence.move(loop.time() + between)
@@ -296,7 +296,21 @@ def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     response.close()
 
 
-def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
+def _chunk_events(chunk: Any, chat: bool, n: int) -> list[EngineEvent]:
+    """The events of one upstream chunk; anything not shaped like OpenAI's chunks is a
+    malformed event (502 before the first token, in band after), never an internal error."""
+    try:
+        return _parse_chunk(chunk, chat, n)
+    except LLMServeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise EngineFailure(
+            f"the upstream engine sent a malformed event ({type(exc).__name__})",
+            code="upstream_malformed",
+        ) from exc
+
+
+def _parse_chunk(chunk: Any, chat: bool, n: int) -> list[EngineEvent]:
     if not isinstance(chunk, dict):
         raise EngineFailure("the upstream engine sent a malformed event", code="upstream_malformed")
     if "error" in chunk:
@@ -306,6 +320,8 @@ def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
     events: list[EngineEvent] = []
     for choice in chunk.get("choices") or ():
         index = int(choice.get("index", 0))
+        if not 0 <= index < n:
+            raise ValueError(f"choice index {index} outside 0..{n - 1}")
         text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
         logprobs = _parse_logprobs(choice.get("logprobs"), chat)
         if text:
@@ -314,7 +330,10 @@ def _chunk_events(chunk: Any, chat: bool) -> list[EngineEvent]:
             events.append(ChoiceFinished(index, finish_reason(choice["finish_reason"])))
     usage = chunk.get("usage")
     if usage:
-        events.append(UsageReport(int(usage["prompt_tokens"]), int(usage["completion_tokens"])))
+        prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        if prompt < 0 or completion < 0:
+            raise ValueError("negative token counts")
+        events.append(UsageReport(prompt, completion))
     return events
 
 

@@ -8,7 +8,8 @@ exhaustively without servers.
   the keys it held move.
 
 A replica is taken out after ``eject_after`` consecutive failed requests or a failed health
-check, and comes back after a passing one.
+check, and comes back after a passing one. Before its first check it is used (a request to a
+replica that is not up yet fails over and takes it out), but not counted as healthy for readiness.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 class ReplicaState:
     label: str
     outstanding: int = 0
-    healthy: bool = False  # until the first health check passes
+    healthy: bool | None = None  # None: not checked yet
     failures: int = 0  # consecutive failed requests
 
 
@@ -36,15 +37,17 @@ class Balancer:
 
     @property
     def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        return any(r.healthy is True for r in self.replicas)
 
     @property
     def healthy_count(self) -> int:
-        return sum(r.healthy for r in self.replicas)
+        return sum(r.healthy is True for r in self.replicas)
 
     def pick(self, affinity: str | None = None, exclude: Collection[int] = ()) -> int | None:
         """The replica for a request, or None when no healthy one is left to try."""
-        candidates = [i for i, r in enumerate(self.replicas) if r.healthy and i not in exclude]
+        candidates = [
+            i for i, r in enumerate(self.replicas) if r.healthy is not False and i not in exclude
+        ]
         if not candidates:
             return None
         if affinity is not None:
@@ -67,7 +70,7 @@ class Balancer:
         """Count a failed request; True when it took the replica out."""
         replica = self.replicas[index]
         replica.failures += 1
-        if replica.healthy and replica.failures >= self._eject_after:
+        if replica.healthy is not False and replica.failures >= self._eject_after:
             replica.healthy = False
             return True
         return False

@@ -79,11 +79,15 @@ class ReplicatedEngine:
         return list(self._replicas)
 
     def status(self) -> list[ReplicaStatus]:
-        return [ReplicaStatus(r.label, r.healthy, r.outstanding) for r in self._balancer.replicas]
+        return [
+            ReplicaStatus(r.label, r.healthy is True, r.outstanding)
+            for r in self._balancer.replicas
+        ]
 
     async def start(self) -> None:
+        """Returns once the replicas are set up; each joins when its first check passes, which
+        the watcher runs at once (a replica that hangs holds back nothing)."""
         await asyncio.gather(*(replica.start() for replica in self._replicas))
-        await self._probe(range(len(self._replicas)))
         self._watcher = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
@@ -184,28 +188,31 @@ class ReplicatedEngine:
     async def _watch(self) -> None:
         """Healthy replicas are checked every interval_s, the ones out every probe_interval_s."""
         loop = asyncio.get_running_loop()
-        next_full = loop.time() + self._health.interval_s
+        next_full = loop.time()
         step = min(self._health.interval_s, self._health.probe_interval_s)
         while True:
-            await asyncio.sleep(step)
             full = loop.time() >= next_full
             if full:
                 next_full = loop.time() + self._health.interval_s
-            due = [i for i, r in enumerate(self._balancer.replicas) if full or not r.healthy]
+            due = [
+                i for i, r in enumerate(self._balancer.replicas) if full or r.healthy is not True
+            ]
             if due:
                 await self._probe(due)
+            await asyncio.sleep(step)
 
     async def _probe(self, indexes: Sequence[int] | range) -> None:
         results = await asyncio.gather(*(self._check(i) for i in indexes))
         for index, healthy in zip(indexes, results, strict=True):
             replica = self._balancer.replicas[index]
             if healthy != replica.healthy:
+                change = "up" if replica.healthy is None else "back in"
                 log.log(
                     logging.INFO if healthy else logging.WARNING,
                     "model %s: replica %s is %s",
                     self._model,
                     replica.label,
-                    "back in" if healthy else "out (health check failed)",
+                    change if healthy else "out (health check failed)",
                 )
             self._balancer.checked(index, healthy)
 
