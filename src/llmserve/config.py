@@ -81,8 +81,12 @@ class HealthConfig(_Strict):
     # A replica taken out is probed this often until it answers again.
     probe_interval_s: float = Field(default=2.0, gt=0)
     timeout_s: float = Field(default=5.0, gt=0)
-    # Consecutive failed requests that take a replica out.
+    # Consecutive failed requests that take a replica out. It stays out probe_interval_s, then
+    # twice that after its next ejection (no successful request in between)... up to
+    # max_ejection_s, so a replica whose /health passes while its requests fail costs less and
+    # less; then a passing check brings it back.
     eject_after_failures: int = Field(default=1, gt=0)
+    max_ejection_s: float = Field(default=60.0, gt=0)
 
 
 class UpstreamReplica(_Strict):

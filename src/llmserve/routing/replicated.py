@@ -10,6 +10,7 @@ taken out and probed back in by the active checks (GET /health of each replica).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator, Sequence
@@ -68,7 +69,12 @@ class ReplicatedEngine:
         self._balancer = Balancer(list(labels), health.eject_after_failures)
         self._running: dict[str, int] = {}  # request id → replica index
         self._aborted: set[str] = set()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        # Passive ejections in a row of each replica, and until when it stays out: a replica
+        # whose /health passes while its requests fail is kept out longer each time.
+        self._ejections = [0] * len(self._replicas)
+        self._out_until = [0.0] * len(self._replicas)
+        self._wake = [asyncio.Event() for _ in self._replicas]
 
     @property
     def codec(self) -> PromptCodec:
@@ -88,12 +94,14 @@ class ReplicatedEngine:
         """Returns once the replicas are set up; each joins when its first check passes, which
         the watcher runs at once (a replica that hangs holds back nothing)."""
         await asyncio.gather(*(replica.start() for replica in self._replicas))
-        self._watcher = asyncio.create_task(self._watch())
+        self._watchers = [
+            asyncio.create_task(self._watch(index)) for index in range(len(self._replicas))
+        ]
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         await asyncio.gather(*(replica.close() for replica in self._replicas))
 
     async def check_health(self) -> bool:
@@ -124,6 +132,7 @@ class ReplicatedEngine:
                         started = True
                         yield event
                     self._balancer.succeeded(index)
+                    self._ejections[index] = 0
                     return
                 except _RETRYABLE as exc:
                     if request.request_id in self._aborted:
@@ -168,12 +177,20 @@ class ReplicatedEngine:
         if exc.code in _NOT_EJECTING:
             return
         if self._balancer.failed(index):
+            self._ejections[index] += 1
+            hold = min(
+                self._health.probe_interval_s * 2 ** (self._ejections[index] - 1),
+                self._health.max_ejection_s,
+            )
+            self._out_until[index] = asyncio.get_running_loop().time() + hold
+            self._wake[index].set()
             log.warning(
-                "model %s: replica %s taken out after a failed request (%s); probing it every %g s",
+                "model %s: replica %s taken out after a failed request (%s); probing it again "
+                "in %g s",
                 self._model,
                 label,
                 kind,
-                self._health.probe_interval_s,
+                hold,
             )
 
     def _none_left(self, tried: list[int]) -> EngineUnavailable:
@@ -185,26 +202,19 @@ class ReplicatedEngine:
             headers={"Retry-After": str(max(1, math.ceil(self._health.probe_interval_s)))},
         )
 
-    async def _watch(self) -> None:
-        """Healthy replicas are checked every interval_s, the ones out every probe_interval_s."""
+    async def _watch(self, index: int) -> None:
+        """One loop per replica, so a check that hangs delays no other replica's: a healthy
+        replica is checked every interval_s, one that is out every probe_interval_s (after its
+        ejection time, when a failed request took it out)."""
         loop = asyncio.get_running_loop()
-        next_full = loop.time()
-        step = min(self._health.interval_s, self._health.probe_interval_s)
+        replica = self._balancer.replicas[index]
         while True:
-            full = loop.time() >= next_full
-            if full:
-                next_full = loop.time() + self._health.interval_s
-            due = [
-                i for i, r in enumerate(self._balancer.replicas) if full or r.healthy is not True
-            ]
-            if due:
-                await self._probe(due)
-            await asyncio.sleep(step)
-
-    async def _probe(self, indexes: Sequence[int] | range) -> None:
-        results = await asyncio.gather(*(self._check(i) for i in indexes))
-        for index, healthy in zip(indexes, results, strict=True):
-            replica = self._balancer.replicas[index]
+            self._wake[index].clear()  # before reading the state: a later ejection wakes us
+            hold = self._out_until[index] - loop.time()
+            if hold > 0:
+                await self._sleep(index, hold)
+                continue
+            healthy = await self._check(index)
             if healthy != replica.healthy:
                 change = "up" if replica.healthy is None else "back in"
                 log.log(
@@ -215,6 +225,13 @@ class ReplicatedEngine:
                     change if healthy else "out (health check failed)",
                 )
             self._balancer.checked(index, healthy)
+            h = self._health
+            await self._sleep(index, h.interval_s if healthy else h.probe_interval_s)
+
+    async def _sleep(self, index: int, seconds: float) -> None:
+        """Sleep, or less when a failed request took the replica out meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake[index].wait(), seconds)
 
     async def _check(self, index: int) -> bool:
         try:

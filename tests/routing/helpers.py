@@ -1,0 +1,510 @@
+"""Shared pieces of the routing tests (issue 7): replicas, gateways in front of them, clients
+that report exactly what they saw, and /metrics lookups by model and replica.
+
+Replicas are real llmserve servers with the simulated engine (``serve(simulated_settings())``,
+model "sim" at 200 tokens/s and "slow" at 10 tokens/s), the fake aiohttp upstreams of
+tests/upstream (fixed misbehaviours), or a ``SwitchableUpstream`` below (health and behaviour
+changed at run time, restartable on its port). The gateway is looked at only over HTTP and
+/metrics; which replica served a request is read from the replicas themselves (the simulated
+engine's ``started`` records, the fakes' request lists).
+
+The Prometheus counters are process-global (the replicas run in this process too), so every
+test uses its own gateway model names and compares scrapes before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+import uvicorn
+from aiohttp import web
+from pydantic import SecretStr
+
+from llmserve.app import create_app
+from llmserve.config import (
+    HealthConfig,
+    ModelConfig,
+    RoutingConfig,
+    Settings,
+    UpstreamModel,
+    UpstreamReplica,
+)
+from llmserve.engines.registry import ModelRegistry
+from llmserve.server import uvicorn_config
+from tests.conftest import RunningServer, free_port, serve, sim_engine, simulated_settings
+from tests.observability.helpers import Deltas, Scrape, scrape
+from tests.upstream.test_upstream_engine import FakeUpstream, chat_chunk, open_sse
+
+__all__ = [
+    "Deltas",
+    "FakeUpstream",
+    "Scrape",
+    "chat_chunk",
+    "open_sse",
+    "scrape",
+]
+
+MESSAGES = [{"role": "user", "content": "Tell me about routing."}]
+PROMPT = "Once upon a route"
+# What the simulated engine emits without a seed: its word cycle from the start.
+SIM_WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
+
+# Short upstream timeouts: every failure in these tests shows within about a second.
+FAST_TIMEOUTS: dict[str, float] = {
+    "connect_timeout_s": 1.0,
+    "first_token_timeout_s": 1.0,
+    "between_tokens_timeout_s": 1.0,
+}
+FAILURE_KINDS = (
+    "unreachable",
+    "connect_timeout",
+    "first_token_timeout",
+    "between_tokens_timeout",
+    "http_error",
+    "broken_stream",
+    "malformed",
+)
+
+
+def sim_text(tokens: int) -> str:
+    """The text the simulated engine generates for ``max_tokens=tokens`` (no seed, n=1)."""
+    return "".join(SIM_WORDS[i % len(SIM_WORDS)] for i in range(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def upstream_model(
+    name: str,
+    urls: Sequence[str],
+    *,
+    upstream: str = "sim",
+    policy: str | None = None,
+    routing: dict[str, Any] | None = None,
+    health: dict[str, Any] | None = None,
+    api_keys: Sequence[str | None] | None = None,
+    **options: Any,
+) -> UpstreamModel:
+    """A gateway model over these replica URLs, with short timeouts unless told otherwise.
+
+    Active health checks default to rarely (60 s) so that they never race a test's requests;
+    an ejected replica is probed every 0.2 s. No ``policy`` and no ``routing``: the default."""
+    keys = list(api_keys) if api_keys is not None else [None] * len(urls)
+    if policy is not None or routing is not None:
+        routing_options = {**(routing or {}), **({"policy": policy} if policy else {})}
+        options["routing"] = RoutingConfig(**routing_options)
+    health_options = {
+        "interval_s": 60.0,
+        "probe_interval_s": 0.2,
+        "timeout_s": 1.0,
+        "eject_after_failures": 1,
+        **(health or {}),
+    }
+    return UpstreamModel(
+        engine="openai",
+        name=name,
+        replicas=tuple(
+            UpstreamReplica(url=url, api_key=None if key is None else SecretStr(key))
+            for url, key in zip(urls, keys, strict=True)
+        ),
+        upstream_model=upstream,
+        health=HealthConfig(**health_options),
+        **{**FAST_TIMEOUTS, **options},
+    )
+
+
+def gateway_settings(*models: ModelConfig, **overrides: Any) -> Settings:
+    return Settings(models=list(models), **overrides)
+
+
+@asynccontextmanager
+async def gateway(
+    *models: ModelConfig, ready: bool = True, **overrides: Any
+) -> AsyncIterator[RunningServer]:
+    """A gateway serving these models; with ``ready``, returns once /ready says 200."""
+    async with serve(gateway_settings(*models, **overrides)) as running:
+        if ready:
+            await wait_ready(running.url)
+        yield running
+
+
+@asynccontextmanager
+async def serve_at(settings: Settings, port: int) -> AsyncIterator[RunningServer]:
+    """``tests.conftest.serve`` on a given port: a replica that comes back where it was."""
+    registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
+    app = create_app(settings, registry)
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", settings, registry)
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def wait_ready(url: str, within_s: float = 15.0) -> httpx.Response:
+    deadline = time.monotonic() + within_s
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while True:
+            response = await client.get("/ready")
+            if response.status_code == 200:
+                return response
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} not ready within {within_s} s: {response.text}")
+            await asyncio.sleep(0.05)
+
+
+async def get_json(url: str, path: str) -> tuple[int, Any, httpx.Headers]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+        response = await client.get(path)
+    return response.status_code, response.json(), response.headers
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """What one client saw of one request, the same shape for whole responses and streams."""
+
+    status: int
+    content_type: str
+    stream: bool
+    headers: httpx.Headers
+    model: str | None = None
+    text: str = ""
+    error: dict[str, Any] | None = None  # the OpenAI error object, whole body or in-band
+    in_band: bool = False  # the error came inside a 200 stream
+    done: bool = False  # the stream ended with data: [DONE]
+    finish_reasons: list[str] = field(default_factory=list)
+    events_after_error: int = 0  # data events other than [DONE] after an in-band error
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None and bool(self.finish_reasons)
+
+    @property
+    def code(self) -> str | None:
+        return None if self.error is None else self.error.get("code")
+
+
+async def call(
+    url: str,
+    model: str,
+    *,
+    stream: bool = True,
+    route: str = "chat",
+    max_tokens: int = 5,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 30.0,
+    **extra: Any,
+) -> Seen:
+    """One request, read to its end. The client never gives up first: ``timeout_s`` is a
+    safety net that fails the test, a gateway must end every request by itself."""
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
+    if route == "chat":
+        body["messages"] = MESSAGES
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = PROMPT
+        path = "/v1/completions"
+    body.update(extra)
+    started = time.monotonic()
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=timeout_s) as client,
+        client.stream("POST", path, json=body, headers=headers) as response,
+    ):
+        seen = Seen(
+            response.status_code,
+            response.headers.get("content-type", ""),
+            stream,
+            response.headers,
+        )
+        if not seen.content_type.startswith("text/event-stream"):
+            data = orjson.loads(await response.aread())
+            if "error" in data:
+                seen.error = data["error"]
+            else:
+                seen.model = data.get("model")
+                for choice in data["choices"]:
+                    seen.text += choice["message"]["content"] if route == "chat" else choice["text"]
+                    seen.finish_reasons.append(choice["finish_reason"])
+        else:
+            async for line in response.aiter_lines():
+                _read_line(seen, line)
+    seen.elapsed_s = time.monotonic() - started
+    return seen
+
+
+def _read_line(seen: Seen, line: str) -> None:
+    if not line.startswith("data:"):
+        return
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        seen.done = True
+        return
+    data = orjson.loads(payload)
+    if seen.error is not None:
+        seen.events_after_error += 1
+    if "error" in data:
+        seen.error = data["error"]
+        seen.in_band = True
+        return
+    seen.model = data.get("model", seen.model)
+    for choice in data.get("choices") or ():
+        text = (choice.get("delta") or {}).get("content") or choice.get("text")
+        if text:
+            seen.text += text
+        if choice.get("finish_reason"):
+            seen.finish_reasons.append(choice["finish_reason"])
+
+
+async def call_many(count: int, make: Callable[[int], Awaitable[Seen]]) -> list[Seen]:
+    return list(await asyncio.gather(*(make(i) for i in range(count))))
+
+
+def assert_full(seen: Seen, tokens: int, model: str | None = None) -> None:
+    """The request succeeded completely with the simulated engine's text."""
+    assert seen.status == 200, seen
+    assert seen.error is None, seen
+    assert seen.text == sim_text(tokens), seen
+    assert seen.finish_reasons == ["length"], seen
+    if seen.stream:
+        assert seen.done, seen
+    if model is not None:
+        assert seen.model == model, seen
+
+
+def assert_error(seen: Seen, status: int, code: str) -> None:
+    """Refused before any byte: an OpenAI error body with its own status, never an SSE stream."""
+    assert seen.status == status, seen
+    assert seen.content_type.startswith("application/json"), seen
+    assert seen.error is not None, seen
+    assert seen.error["code"] == code, seen
+    assert seen.text == "", seen
+
+
+def assert_in_band(seen: Seen, code: str | None = None) -> None:
+    """The stream had started: 200, then one error event, and nothing after it but [DONE]."""
+    assert seen.status == 200, seen
+    assert seen.content_type.startswith("text/event-stream"), seen
+    assert seen.in_band, seen
+    assert seen.error is not None, seen
+    if code is not None:
+        assert seen.error["code"] == code, seen
+    assert seen.events_after_error == 0, seen
+    assert not seen.finish_reasons, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Which replica served what
+# ---------------------------------------------------------------------------------------------
+
+
+def started_counts(replicas: Sequence[RunningServer], model: str = "sim") -> list[int]:
+    return [len(sim_engine(r, model).started) for r in replicas]
+
+
+def started_since(
+    replicas: Sequence[RunningServer], before: Sequence[int], model: str = "sim"
+) -> list[int]:
+    return [now - then for now, then in zip(started_counts(replicas, model), before, strict=True)]
+
+
+async def served_by(replicas: Sequence[RunningServer], request: Awaitable[Seen]) -> int:
+    """Run one request alone and answer the index of the replica that generated it."""
+    before = started_counts(replicas)
+    seen = await request
+    assert seen.ok, seen
+    grew = [i for i, n in enumerate(started_since(replicas, before)) if n]
+    assert len(grew) == 1, f"one request started on replicas {grew}: {seen}"
+    assert started_since(replicas, before)[grew[0]] == 1
+    return grew[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics by model and replica
+# ---------------------------------------------------------------------------------------------
+
+
+def replica_matches(label: str, url: str, index: int | None = None) -> bool:
+    """Whether a ``replica`` label names this replica. The label's exact spelling is the
+    implementation's choice: the URL, host:port, or the replica's index are all accepted."""
+    host_port = url.removeprefix("http://").removeprefix("https://")
+    return label in (url, host_port, url + "/") or (index is not None and label == str(index))
+
+
+def replica_value(
+    snapshot: Scrape, metric: str, model: str, url: str, index: int | None = None, **labels: str
+) -> float | None:
+    """The sum of ``metric`` samples for this model and replica (None: no such sample)."""
+    wanted = {("model", model), *labels.items()}
+    values = [
+        value
+        for (name, sample_labels), value in snapshot.samples.items()
+        if name == metric
+        and wanted <= sample_labels
+        and replica_matches(dict(sample_labels).get("replica", ""), url, index)
+    ]
+    return sum(values) if values else None
+
+
+def replica_labels(snapshot: Scrape, metric: str, model: str) -> set[str]:
+    return {
+        dict(labels).get("replica", "")
+        for (name, labels), _ in snapshot.samples.items()
+        if name == metric and ("model", model) in labels
+    }
+
+
+async def healthy_gauge(url: str, model: str, replica_url: str, index: int) -> float | None:
+    return replica_value(await scrape(url), "llmserve_replica_healthy", model, replica_url, index)
+
+
+async def until_gauge(
+    url: str, model: str, replica_url: str, index: int, expected: float, within_s: float = 5.0
+) -> float:
+    """Scrape until the replica's health gauge reads ``expected``; returns how long it took."""
+    started = time.monotonic()
+    value: float | None = None
+    while time.monotonic() - started < within_s:
+        value = await healthy_gauge(url, model, replica_url, index)
+        if value == expected:
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    snapshot = await scrape(url)
+    raise AssertionError(
+        f"llmserve_replica_healthy for {model}/{replica_url} is {value}, not {expected}, "
+        f"after {within_s} s; labels: {replica_labels(snapshot, 'llmserve_replica_healthy', model)}"
+    )
+
+
+async def until_in_flight(url: str, model: str, expected: float, within_s: float = 3.0) -> None:
+    """Scrape until the gateway says ``expected`` requests of ``model`` run on its engine."""
+    started = time.monotonic()
+    while (await scrape(url)).value("llmserve_requests_in_flight", model=model) != expected:
+        if time.monotonic() - started > within_s:
+            raise AssertionError(f"{model}: in flight never reached {expected}")
+        await asyncio.sleep(0.02)
+
+
+async def until(condition: Callable[[], bool], within_s: float = 5.0, what: str = "") -> float:
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > within_s:
+            raise AssertionError(f"not within {within_s} s: {what or condition}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------------
+# Upstreams
+# ---------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def sim_replicas(
+    count: int, settings: Settings | None = None
+) -> AsyncIterator[list[RunningServer]]:
+    """``count`` llmserve replicas with the simulated engine, each on its own port."""
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(serve(settings or simulated_settings()))
+            for _ in range(count)
+        ]
+
+
+def closed_url() -> str:
+    """A loopback URL where nothing listens: connections are refused."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+class SwitchableUpstream:
+    """An OpenAI-compatible chat server on a fixed loopback port, changed at run time.
+
+    ``health`` is what ``GET /health`` answers; ``mode`` what a generation request gets
+    ("ok": ``tokens`` words then finish, usage and [DONE]; "error500"; "hang": headers, then
+    silence). It records every generation request's Authorization header. ``stop()`` closes
+    the port (connections refused), ``start()`` brings it back on the same port."""
+
+    def __init__(self, *, tokens: int = 3) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.health = 200
+        self.mode = "ok"
+        self.tokens = tokens
+        self.authorizations: list[str | None] = []
+        self.health_checks = 0
+        self._runner: web.AppRunner | None = None
+        self._release = asyncio.Event()
+
+    @property
+    def received(self) -> int:
+        return len(self.authorizations)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_get("/health", self._health)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start()
+        self._release = asyncio.Event()
+        self._runner = runner
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._release.set()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SwitchableUpstream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def _health(self, _: web.Request) -> web.StreamResponse:
+        self.health_checks += 1
+        return web.json_response({"ok": self.health == 200}, status=self.health)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.mode == "error500":
+            error = {"error": {"message": "engine crashed", "type": "server_error"}}
+            return web.json_response(error, status=500)
+        response = await open_sse(request)
+        if self.mode == "hang":
+            await self._release.wait()
+            return response
+        for i in range(self.tokens):
+            await response.write(chat_chunk(f" w{i}"))
+        await response.write(chat_chunk(finish="length"))
+        usage = {"prompt_tokens": 3, "completion_tokens": self.tokens, "total_tokens": 3}
+        body = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
+        await response.write(b"data: " + orjson.dumps({**body, "choices": [], "usage": usage}))
+        await response.write(b"\n\ndata: [DONE]\n\n")
+        return response
+
+
+def switchable_text(tokens: int) -> str:
+    return "".join(f" w{i}" for i in range(tokens))
