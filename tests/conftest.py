@@ -68,7 +68,7 @@ async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
     registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
     app = create_app(settings, registry)
     port = free_port()
-    config = uvicorn_config(app, "127.0.0.1", port, "warning")
+    config = uvicorn_config(app, "127.0.0.1", port, "warning", settings.limits)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -15,6 +15,7 @@ from llmserve import __version__
 from llmserve.api import openai_routes, simple_routes
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
+from llmserve.api.openapi import install_openapi
 from llmserve.api.security import SecurityHeaders
 from llmserve.api.state import Gateway
 from llmserve.auth.keys import KeyStore
@@ -58,7 +59,8 @@ def create_app(
             await registry.close()
             await limiter.close()
 
-    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan)
+    # No slash redirects: their Location is built from the Host header, which a client controls.
+    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan, redirect_slashes=False)
     collectors = CollectorRegistry(auto_describe=True)
     collectors.register(QueueCollector(registry))
     collectors.register(GpuCollector())
@@ -68,9 +70,14 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(simple_routes.router)
     install_error_handlers(app)
+    install_openapi(app)
     if keys is not None:
         app.add_middleware(AuthMiddleware, keys=keys, public_paths=settings.auth.public_paths)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.limits.max_body_bytes,
+        timeout_s=settings.limits.body_timeout_s,
+    )
     if settings.cors.allow_origins:
         # Outside auth, so a preflight (which carries no key) is answered.
         app.add_middleware(

@@ -204,6 +204,10 @@ class Limits(_Strict):
     max_messages: int = Field(default=1024, gt=0)
     # Requests longer than this (seconds, queue and generation together) end with a timeout error.
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # Slow or oversized request heads and bodies (slowloris): 431 over the size, 408 over the time.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class AuthConfig(_Strict):

@@ -47,6 +47,12 @@ class BodyTooLarge(LLMServeError):
     default_code = "request_too_large"
 
 
+class BodyTimeout(LLMServeError):
+    status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class ModelNotFound(LLMServeError):
     status = 404
     error_type = "invalid_request_error"

@@ -14,8 +14,9 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from llmserve.app import create_app
-from llmserve.config import Settings
+from llmserve.config import Limits, Settings
 from llmserve.engines.registry import ModelRegistry
+from llmserve.http_protocol import guarded_protocol
 from llmserve.observability import logs, tracing
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,18 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def uvicorn_config(app: ASGIApp, host: str, port: int, log_level: str) -> uvicorn.Config:
+def uvicorn_config(
+    app: ASGIApp, host: str, port: int, log_level: str, limits: Limits | None = None
+) -> uvicorn.Config:
     """How llmserve runs under uvicorn; the tests' in-process servers use the same options."""
+    limits = limits or Limits()
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        # httptools, with bounds on request heads (size and time) that uvicorn lacks.
+        http=guarded_protocol(limits.max_header_bytes, limits.header_timeout_s),
         log_level=log_level,
         log_config=None,  # ours (logs.configure): JSON lines when asked, uvicorn's included
         access_log=False,  # ours is richer: key, model, tokens, outcome
@@ -100,7 +105,7 @@ def serve(settings: Settings) -> int:
 
     models = ModelRegistry.from_config(settings.models, settings.cache_dir)
     app = create_app(settings, models, on_fatal=on_fatal)
-    config = uvicorn_config(app, settings.host, settings.port, settings.log_level)
+    config = uvicorn_config(app, settings.host, settings.port, settings.log_level, settings.limits)
     server = DrainingServer(config, models, settings.drain_timeout_s)
     server.run()
     return 1 if failed else 0

@@ -278,7 +278,7 @@ async def test_raw_stream_framing_ends_with_done(http: httpx.AsyncClient) -> Non
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["cache-control"] == "no-store"
         raw = (await response.aread()).decode()
     events = parse_sse(raw)
     assert events[-1] == ("message", "[DONE]")

@@ -300,9 +300,7 @@ def expected_counts(
         if o.kind == "completed":
             requests[(o.model, o.key, "ok")] += 1
         elif o.kind == "aborted":
-            requests[(o.model, o.key, "disconnect")] += 1
-            if o.whole:  # no byte had been sent: counted as a refusal too (status 499)
-                rejections[("disconnect", o.key)] += 1
+            requests[(o.model, o.key, "disconnect")] += 1  # a client leaving is no refusal
         elif o.kind == "in_band":
             requests[(o.model, o.key, STATUS_OF_CODE[o.code or ""])] += 1
         elif o.status == 401:

@@ -35,7 +35,7 @@ from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 def authorize(request: Request, model: str, canonical: str | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Nothing here is meant to be cached, framed, sniffed into another type, or sent on as a referrer.
-_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
     (b"cache-control", b"no-store"),
     (b"x-frame-options", b"DENY"),
@@ -17,6 +17,7 @@ _HEADERS: tuple[tuple[bytes, bytes], ...] = (
 # The API serves no documents, so no script, style or frame may load; the interactive docs pages
 # (which load Swagger UI / ReDoc from a CDN) are the one exception and get no CSP.
 _CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_API_HEADERS = (*SECURITY_HEADERS, _CSP)
 _DOC_PAGES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
@@ -28,14 +29,15 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = _HEADERS if scope["path"] in _DOC_PAGES else (*_HEADERS, _CSP)
+        extra = SECURITY_HEADERS if scope["path"] in _DOC_PAGES else _API_HEADERS
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", ())}
+                # Ours replace any the app set (SSE's no-cache becomes no-store).
+                ours = {name for name, _ in extra}
                 message["headers"] = [
-                    *message.get("headers", ()),
-                    *(header for header in extra if header[0] not in present),
+                    *(h for h in message.get("headers", ()) if h[0].lower() not in ours),
+                    *extra,
                 ]
             await send(message)
 

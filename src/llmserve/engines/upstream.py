@@ -75,6 +75,8 @@ class UpstreamEngine:
         self._session: aiohttp.ClientSession | None = None
         self._open: dict[str, aiohttp.ClientResponse] = {}
         self._model = config.upstream_model or config.name
+        # Upstream error messages reach clients; an upstream may quote the key it was sent.
+        self._secret = api_key.get_secret_value() if api_key is not None else None
 
     @property
     def url(self) -> str:
@@ -136,7 +138,7 @@ class UpstreamEngine:
         started = False  # an event was yielded: later failures are "between tokens"
         try:
             if response.status != 200:
-                raise await _upstream_error(response)
+                raise await _upstream_error(response, self._secret)
             # One flat loop over whatever bytes arrived (usually one whole event): this is the
             # per-token hot path of upstream streams.
             buffered = b""
@@ -162,7 +164,7 @@ class UpstreamEngine:
                         raise EngineFailure(
                             "the upstream engine sent a malformed event", code="upstream_malformed"
                         ) from exc
-                    for event in _chunk_events(chunk, chat, request.sampling.n):
+                    for event in _chunk_events(chunk, chat, request.sampling.n, self._secret):
                         # Comments and blank lines do not move the deadline: an upstream that
                         # only sends keep-alives still times out.
                         silence.move(loop.time() + between)
@@ -282,6 +284,10 @@ class _Silence:
         self._handle.cancel()
 
 
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "[redacted]") if secret else text
+
+
 def _no_token(started: bool) -> EngineTimeout:
     if started:
         return EngineTimeout(
@@ -296,11 +302,11 @@ def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     response.close()
 
 
-def _chunk_events(chunk: Any, chat: bool, n: int) -> list[EngineEvent]:
+def _chunk_events(chunk: Any, chat: bool, n: int, secret: str | None) -> list[EngineEvent]:
     """The events of one upstream chunk; anything not shaped like OpenAI's chunks is a
     malformed event (502 before the first token, in band after), never an internal error."""
     try:
-        return _parse_chunk(chunk, chat, n)
+        return _parse_chunk(chunk, chat, n, secret)
     except LLMServeError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -310,12 +316,13 @@ def _chunk_events(chunk: Any, chat: bool, n: int) -> list[EngineEvent]:
         ) from exc
 
 
-def _parse_chunk(chunk: Any, chat: bool, n: int) -> list[EngineEvent]:
+def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[EngineEvent]:
     if not isinstance(chunk, dict):
         raise EngineFailure("the upstream engine sent a malformed event", code="upstream_malformed")
     if "error" in chunk:
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else str(error)
+        message = _redact(str(message), secret)
         raise EngineFailure(f"the upstream engine failed: {message}", code="upstream_error")
     events: list[EngineEvent] = []
     for choice in chunk.get("choices") or ():
@@ -358,11 +365,11 @@ def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...] | None:
     )
 
 
-async def _upstream_error(response: aiohttp.ClientResponse) -> LLMServeError:
+async def _upstream_error(response: aiohttp.ClientResponse, secret: str | None) -> LLMServeError:
     param = code = None
     try:
         error = (await response.json(content_type=None, loads=orjson.loads))["error"]
-        message = str(error["message"])
+        message = _redact(str(error["message"]), secret)
         param, code = error.get("param"), error.get("code")
     except Exception:
         message = f"status {response.status}"

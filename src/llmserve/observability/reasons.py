@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llmserve.errors import (
+    BodyTimeout,
     ClientDisconnected,
     EngineTimeout,
     InvalidRequest,
@@ -23,6 +24,7 @@ _REASONS: tuple[tuple[type[LLMServeError], str], ...] = (
     (LimiterUnavailable, "limiter_unavailable"),
     (PermissionDenied, "permission"),
     (InvalidRequest, "validation"),
+    (BodyTimeout, "client_timeout"),
     (EngineTimeout, "timeout"),
 )
 
