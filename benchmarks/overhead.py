@@ -257,7 +257,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
             if proc is not None:
                 proc.terminate()
         if args.before:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")])
+            cleanup = ["git", "worktree", "remove", "--force", str(tmp / "before")]
+            await asyncio.to_thread(subprocess.run, cleanup, check=False)
     return rows
 
 

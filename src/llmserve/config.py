@@ -114,6 +114,9 @@ class _Remote(_Model):
     # Queue and generation together; None means limits.request_timeout_s.
     total_timeout_s: float | None = Field(default=None, gt=0)
     max_connections: int = Field(default=1000, gt=0)
+    # How long an idle connection to a replica is kept for reuse; below the upstream's own
+    # keep-alive timeout (5 s for vllm serve) so the gateway closes first.
+    keepalive_timeout_s: float = Field(default=4.0, gt=0)
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from contextlib import AsyncExitStack
 
 import httpx
@@ -264,6 +265,14 @@ async def test_every_replica_silent_is_a_504_first_token_timeout() -> None:
     assert FIRST_TOKEN_TIMEOUT_S * 0.9 < seen.elapsed_s < 2 * FIRST_TOKEN_TIMEOUT_S + 1.5, seen
 
 
+async def wait_until_not_ready(url: str, model: str, within_s: float = 3.0) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        deadline = time.monotonic() + within_s
+        while (await client.get("/ready")).json()["models"].get(model) is not False:
+            assert time.monotonic() < deadline, f"{model} still counted healthy"
+            await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_every_replica_unreachable_is_503_then_no_healthy_replica(stream: bool) -> None:
     model = f"rt-fo-down-{stream}"
@@ -272,7 +281,9 @@ async def test_every_replica_unreachable_is_503_then_no_healthy_replica(stream: 
         async with gateway(upstream_model(model, [r.url for r in replicas])) as gw:
             await doomed.aclose()
             first = await call(gw.url, model, stream=stream)
-            # Both replicas failed and are out now: refused at once, with Retry-After.
+            # Both replicas failed: the first is out, the last one in is checked at once and
+            # goes out too; from then on requests are refused at once, with Retry-After.
+            await wait_until_not_ready(gw.url, model)
             second = await call(gw.url, model, stream=stream)
             other = await call(gw.url, model, stream=not stream)
 

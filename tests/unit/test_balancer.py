@@ -21,13 +21,19 @@ def test_unchecked_replicas_are_used_but_not_counted_healthy() -> None:
     balancer = Balancer(["a", "b"])
     assert balancer.pick() is not None
     assert not balancer.any_healthy
-    balancer.checked(0, False)
+    assert balancer.failed(0) is True  # a failed request takes an unchecked replica out too
     assert balancer.pick() == 1
-    assert balancer.failed(1) is True  # a failed request takes an unchecked replica out too
-    assert balancer.pick() is None
     balancer.checked(1, True)
-    assert balancer.pick() == 1
     assert balancer.healthy_count == 1
+
+
+def test_the_last_replica_in_is_taken_out_only_by_a_health_check() -> None:
+    balancer = healthy_balancer(2)
+    assert balancer.failed(0) is True
+    assert balancer.failed(1) is False  # nowhere else to go: keep trying it
+    assert balancer.pick() == 1
+    balancer.checked(1, False)
+    assert balancer.pick() is None
 
 
 def test_least_outstanding_goes_to_the_least_busy_replica() -> None:

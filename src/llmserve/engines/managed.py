@@ -196,7 +196,8 @@ class ManagedServer:
             return
         _signal_group(process.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
+            async with asyncio.timeout(_STOP_GRACE_S):
+                await process.wait()
         except TimeoutError:
             _signal_group(process.pid, signal.SIGKILL)
             await process.wait()

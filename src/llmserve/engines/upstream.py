@@ -93,7 +93,12 @@ class UpstreamEngine:
         self._session = aiohttp.ClientSession(
             base_url=self._url + "/",
             headers=headers,
-            connector=aiohttp.TCPConnector(limit=self._config.max_connections),
+            # Idle connections are dropped before the upstream drops them (uvicorn, under
+            # vllm serve, closes them after 5 s), so a request rarely meets a closed one.
+            connector=aiohttp.TCPConnector(
+                limit=self._config.max_connections,
+                keepalive_timeout=self._config.keepalive_timeout_s,
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=self._config.connect_timeout_s,
@@ -115,9 +120,7 @@ class UpstreamEngine:
         first_token_by = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
         try:
             async with asyncio.timeout_at(first_token_by):
-                response = await self._client().post(
-                    path, json=self._body(request), headers=dict(request.trace_headers)
-                )
+                response = await self._post(path, request)
         except aiohttp.ServerTimeoutError as exc:  # a connect timeout (also a TimeoutError)
             raise EngineTimeout(
                 "the upstream engine did not accept the connection in time",
@@ -192,6 +195,18 @@ class UpstreamEngine:
                 response.release()  # kept alive for the next request
             else:
                 response.close()
+
+    async def _post(self, path: str, request: GenerationRequest) -> aiohttp.ClientResponse:
+        body, headers = self._body(request), dict(request.trace_headers)
+        try:
+            return await self._client().post(path, json=body, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection could be made: the upstream is down
+            # A pooled keep-alive connection the upstream had just closed: nothing reached it,
+            # so the request is sent again, once, on a new connection.
+            log.debug("upstream %s closed a pooled connection; sending again", self._url)
+            return await self._client().post(path, json=body, headers=headers)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         s = request.sampling

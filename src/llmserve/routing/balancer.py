@@ -67,10 +67,13 @@ class Balancer:
         self.replicas[index].failures = 0
 
     def failed(self, index: int) -> bool:
-        """Count a failed request; True when it took the replica out."""
+        """Count a failed request; True when it took the replica out. The last replica in
+        rotation is never taken out by failed requests (only by a failed health check): with
+        nowhere else to go, refusing every request for a probe interval is worse than trying."""
         replica = self.replicas[index]
         replica.failures += 1
-        if replica.healthy is not False and replica.failures >= self._eject_after:
+        others_in = any(r.healthy is not False for i, r in enumerate(self.replicas) if i != index)
+        if others_in and replica.healthy is not False and replica.failures >= self._eject_after:
             replica.healthy = False
             return True
         return False

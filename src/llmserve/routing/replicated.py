@@ -176,22 +176,27 @@ class ReplicatedEngine:
         prom.UPSTREAM_FAILURES.labels(self._model, label, kind).inc()
         if exc.code in _NOT_EJECTING:
             return
-        if self._balancer.failed(index):
-            self._ejections[index] += 1
-            hold = min(
-                self._health.probe_interval_s * 2 ** (self._ejections[index] - 1),
-                self._health.max_ejection_s,
-            )
-            self._out_until[index] = asyncio.get_running_loop().time() + hold
-            self._wake[index].set()
-            log.warning(
-                "model %s: replica %s taken out after a failed request (%s); probing it again "
-                "in %g s",
-                self._model,
-                label,
-                kind,
-                hold,
-            )
+        if not self._balancer.failed(index):
+            replica = self._balancer.replicas[index]
+            if replica.failures >= self._health.eject_after_failures:
+                # Kept in only as the last one in: check it now, so a replica that is really
+                # down goes out within a round trip.
+                self._wake[index].set()
+            return
+        self._ejections[index] += 1
+        hold = min(
+            self._health.probe_interval_s * 2 ** (self._ejections[index] - 1),
+            self._health.max_ejection_s,
+        )
+        self._out_until[index] = asyncio.get_running_loop().time() + hold
+        self._wake[index].set()
+        log.warning(
+            "model %s: replica %s taken out after a failed request (%s); probing it again in %g s",
+            self._model,
+            label,
+            kind,
+            hold,
+        )
 
     def _none_left(self, tried: list[int]) -> EngineUnavailable:
         total = len(self._replicas)
@@ -230,13 +235,15 @@ class ReplicatedEngine:
 
     async def _sleep(self, index: int, seconds: float) -> None:
         """Sleep, or less when a failed request took the replica out meanwhile."""
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for can swallow a cancellation
+        # that arrives as the wait ends, and close() would then wait for this loop forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake[index].wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake[index].wait()
 
     async def _check(self, index: int) -> bool:
         try:
-            return await asyncio.wait_for(
-                self._replicas[index].check_health(), self._health.timeout_s
-            )
+            async with asyncio.timeout(self._health.timeout_s):
+                return await self._replicas[index].check_health()
         except (TimeoutError, OSError, LLMServeError):
             return False
