@@ -22,6 +22,7 @@ from llmserve.engines.events import (
 )
 from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
 from llmserve.models.embedded import ensure_embedded_model
+from llmserve.observability import metrics as prom
 from llmserve.validation.request import ChatMessage, GenerationRequest, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ class VllmEngine:
         self._cache_dir = cache_dir
         self._llm: Any = None
         self._codec: HfCodec | None = None
+        # Set while a dead engine core is being replaced (see _restart).
+        self._restarting: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def codec(self) -> HfCodec:
@@ -118,7 +122,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._llm is None:
-            raise EngineUnavailable("the engine is not running")
+            raise self._unavailable()
         prompt = {"prompt_token_ids": list(request.prompt_token_ids or ())}
         # vLLM refuses a priority unless its scheduler was configured for priorities.
         priority_policy = self._config.engine_args.get("scheduling_policy") == "priority"
@@ -140,9 +144,8 @@ class VllmEngine:
                     if choice.finish_reason is not None:
                         yield ChoiceFinished(choice.index, finish_reason(choice.finish_reason))
         except EngineDeadError as exc:
-            raise EngineUnavailable(
-                "the inference engine stopped; the server needs a restart"
-            ) from exc
+            self._begin_restart()
+            raise self._unavailable() from exc
         except _client_errors() as exc:  # the request was invalid for this model
             raise InvalidRequest(str(exc)) from exc
         except Exception as exc:
@@ -159,9 +162,47 @@ class VllmEngine:
             return False
         try:
             await self._llm.check_health()
-        except Exception:
+        except Exception as exc:
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            if isinstance(exc, EngineDeadError):
+                self._begin_restart()
             return False
         return True
+
+    def _unavailable(self) -> EngineUnavailable:
+        if self._restarting is not None and not self._restarting.done():
+            return EngineUnavailable(
+                "the inference engine stopped and is restarting; retry shortly",
+                code="engine_restarting",
+                headers={"Retry-After": "10"},
+            )
+        return EngineUnavailable("the engine is not running")
+
+    def _begin_restart(self) -> None:
+        """The engine core process died (killed, OOM, a GPU fault): replace it in the
+        background. Requests on it ended with an error; new ones get 503 until it is back."""
+        if self._closing or (self._restarting is not None and not self._restarting.done()):
+            return
+        self._restarting = asyncio.get_running_loop().create_task(self._restart())
+
+    async def _restart(self) -> None:
+        log.error("the vLLM engine core of %s died; starting a new one", self._config.name)
+        dead, self._llm = self._llm, None
+        if dead is not None:
+            await asyncio.to_thread(dead.shutdown)
+        backoff_s = 1.0
+        while not self._closing:
+            try:
+                await self.start()
+            except Exception:
+                log.exception("restarting the vLLM engine of %s failed", self._config.name)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 60.0)
+                continue
+            prom.ENGINE_RESTARTS.labels(self._config.name, "in-process").inc()
+            log.warning("the vLLM engine of %s is back", self._config.name)
+            return
 
     def unfinished_requests(self) -> int:
         """Requests vLLM still holds; zero once every request ended or was aborted."""
@@ -175,6 +216,10 @@ class VllmEngine:
         return int(count())
 
     async def close(self) -> None:
+        self._closing = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+            await asyncio.gather(self._restarting, return_exceptions=True)
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None

@@ -75,6 +75,7 @@ FAILOVERS = Counter(
 )
 ENGINE_RESTARTS = Counter(
     "llmserve_engine_restarts",
-    "Managed engine processes restarted after they exited.",
+    "Engine processes restarted after they died: managed vllm serve children (replica label), "
+    "or an in-process engine core (replica=\"in-process\").",
     ["model", "replica"],
 )
