@@ -739,3 +739,36 @@ async def test_finished_streams_give_their_connection_back_to_the_pool() -> None
             assert "hi" in answer.text
         assert len(fake.requests) == 5
     assert len(peers) == 1, f"{len(peers)} connections for 5 sequential requests"
+
+
+async def test_a_pooled_connection_the_upstream_closed_is_not_an_error() -> None:
+    """An upstream closes idle keep-alive connections on its own schedule (vllm serve after
+    5 s); one may close just as the gateway sends a request on it. Here every second request on
+    a connection meets that close. The request is sent again on a new connection: the client
+    sees a normal answer and the replica is not counted as failed."""
+    used: set[int] = set()
+    served = 0
+
+    async def close_reused(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+        nonlocal served
+        transport = request.transport
+        assert transport is not None
+        if id(transport) in used:  # a kept-alive connection: closed under the request
+            transport.close()
+            return web.Response(status=500)  # never sent
+        used.add(id(transport))
+        served += 1
+        response = await open_sse(request)
+        await response.write(chat_chunk("hi"))
+        await response.write(chat_chunk(finish="stop") + b"data: [DONE]\n\n")
+        return response
+
+    async with gateway_before(close_reused) as (b, _):
+        for stream in (False, True, False):
+            answer = await post_chat(b, stream=stream)
+            assert answer.status_code == 200, answer.text
+            assert "hi" in answer.text
+        async with httpx.AsyncClient(base_url=b.url) as client:
+            metrics = (await client.get("/metrics")).text
+    assert served == 3
+    assert "llmserve_upstream_failures_total{" not in metrics
