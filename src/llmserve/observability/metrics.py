@@ -76,6 +76,6 @@ FAILOVERS = Counter(
 ENGINE_RESTARTS = Counter(
     "llmserve_engine_restarts",
     "Engine processes restarted after they died: managed vllm serve children (replica label), "
-    "or an in-process engine core (replica=\"in-process\").",
+    'or an in-process engine core (replica="in-process").',
     ["model", "replica"],
 )
