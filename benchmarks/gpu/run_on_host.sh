@@ -7,6 +7,7 @@
 #   run_on_host.sh setup              second transfer: part_01 + checksum, unpack, write the dummy model
 #   run_on_host.sh suite PHASE...     python3 -m benchmarks.gpu.suite with the bundle on the path
 #   run_on_host.sh nvml-check         benchmarks/gpu/nvml_check.py (no llmserve server needed)
+#   run_on_host.sh tp-smoke [ARGS]    benchmarks/gpu/tp_smoke.py: in-process engine, tensor_parallel_size 2
 #
 # With the device tool, back to back (the host keeps /tmp only while it stays warm):
 #   run(carry=["gpu-bundle-a"]): bash benchmarks/gpu/run_on_host.sh receive-a
@@ -38,10 +39,14 @@ case "${1:-}" in
     python3 benchmarks/gpu/make_dummy_model.py "$S/model"
     echo "setup took $((SECONDS - t0)) s"
     ;;
-  suite|nvml-check)
+  suite|nvml-check|tp-smoke)
     export PYTHONPATH="$ROOT/src:$S/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
       VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0
     if [[ $1 == nvml-check ]]; then exec python3 benchmarks/gpu/nvml_check.py; fi
+    if [[ $1 == tp-smoke ]]; then
+      shift
+      exec python3 -m benchmarks.gpu.tp_smoke --state "$S" --model-dir "$S/model" "$@"
+    fi
     shift
     exec python3 -m benchmarks.gpu.suite --state "$S" --model-dir "$S/model" "$@"
     ;;

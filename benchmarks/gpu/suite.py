@@ -373,7 +373,9 @@ def brief(s: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ smoke
 
 
-async def phase_smoke(state: State, args: argparse.Namespace) -> dict[str, Any]:
+async def phase_smoke(
+    state: State, args: argparse.Namespace, upstream: bool = True
+) -> dict[str, Any]:
     checks: list[dict[str, Any]] = []
 
     def check(name: str, ok: bool, detail: Any = "") -> None:
@@ -485,8 +487,9 @@ async def phase_smoke(state: State, args: argparse.Namespace) -> dict[str, Any]:
             "vllm:" in text and ("llmserve_gpu_memory_used_bytes" in text or args.cpu_dry_run),
             {"vllm_series": text.count("\nvllm:")},
         )
-        # The same requests through the upstream gateway, for completeness.
-        for endpoint in ENDPOINTS:
+        # The same requests through the upstream gateway, for completeness (not where only the
+        # in-process server runs: tp_smoke.py).
+        for endpoint in ENDPOINTS if upstream else ():
             run = await run_closed_loop(
                 http,
                 "smoke",
