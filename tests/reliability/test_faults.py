@@ -19,8 +19,10 @@ Then the in-process engine (the simulated one) stopped and crashing mid-stream.
 Error codes are checked as families (``fault_helpers.UNREACHABLE`` ...): the generic code of a
 single upstream engine, or the specific one replica routing (issue 7) gives; statuses exactly.
 
+Also: upstream JSON of the wrong shape, a client that leaves mid-body, and a wedged upstream
+at start-up (which must not hold back the other models).
+
 Run: ``.venv/bin/pytest tests/reliability/test_faults.py -q -x -p no:cacheprovider``.
-Tests marked ``SRC BUG`` in their docstring fail on purpose until the gateway is fixed.
 """
 
 from __future__ import annotations
@@ -428,9 +430,9 @@ async def test_in_process_engine_stopped_is_not_ready_until_started_again() -> N
     """The simulated engine stopped (``close``) fails its health check: /ready is 503 naming it
     and llmserve_engine_healthy is 0; started again, both recover.
 
-    NOTE for the src owner: the simulated engine keeps generating after ``close()`` (its
-    ``generate`` ignores the health flag), so what requests get from a stopped in-process
-    engine cannot be tested with it; see the crash test below for the mid-stream failure."""
+    Readiness only: the simulated engine, a test double, keeps generating after ``close()``,
+    so what requests get from a stopped in-process engine is not checked here; the crash test
+    below covers requests on an engine that dies mid-stream."""
     async with serve(sim_settings()) as server:
         engine = server.engine(SIM)
         await engine.close()
@@ -496,19 +498,18 @@ async def test_in_process_engine_dying_mid_stream_fails_only_its_requests() -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# SRC BUGS: these fail until the gateway is fixed (kept last so that -x runs the rest first)
+# Wrong-shaped upstream JSON, clients gone mid-body, a wedged upstream at start-up
 # ---------------------------------------------------------------------------------------------
 
 # Well-formed JSON of the wrong shape, as a buggy or hostile upstream may send after two good
-# tokens. Each must end the request as an engine error (502 / in-band engine_error), like
-# non-JSON garbage does; today each is an unhandled exception in the upstream engine's chunk
-# parsing (engines/upstream.py: _chunk_events, _parse_logprobs), which the client sees as a
-# 500 "internal server error" with code null (in-band for streams), counted as "internal".
+# tokens. Each ends the request as an engine error (502 ``upstream_malformed`` before the first
+# byte, in band after it), like non-JSON garbage does: never a 500 "internal server error",
+# never counted as "internal".
 WRONG_SHAPES = {
     "choices-not-a-list": b'{"choices": "oops"}',  # AttributeError
     "choice-null": b'{"choices": [null]}',  # AttributeError
     "index-not-a-number": b'{"choices": [{"index": "x", "delta": {"content": "a"}}]}',
-    # n=1 was asked for: the whole request fails with IndexError, a stream passes choice 5 on.
+    # n=1 was asked for: a choice index outside 0..n-1 is malformed, streamed or not.
     "index-out-of-range": b'{"choices": [{"index": 5, "delta": {"content": "a"}}]}',
     "logprob-without-token": (
         b'{"choices": [{"delta": {"content": "a"}, "logprobs": {"content": [{"x": 1}]}}]}'
@@ -517,17 +518,17 @@ WRONG_SHAPES = {
     "usage-not-numbers": (
         b'{"choices": [], "usage": {"prompt_tokens": "a", "completion_tokens": 1}}'
     ),
-    # Accepted, then prometheus_client raises on the negative count when the request is
-    # recorded: a 500 for a whole request, an "Exception in ASGI application" after a stream.
+    # Negative counts are malformed too (they would otherwise reach the Prometheus counters).
     "usage-negative": b'{"choices": [], "usage": {"prompt_tokens": -5, "completion_tokens": 1}}',
 }
 
 
 @pytest.mark.parametrize("shape", list(WRONG_SHAPES))
 async def test_wrong_shaped_upstream_json_is_an_engine_error_not_a_500(shape: str) -> None:
-    """SRC BUG (found by this suite, issue 9): see WRONG_SHAPES above. Reproduce with
-    ``.venv/bin/pytest tests/reliability/test_faults.py -q -p no:cacheprovider -k wrong_shaped``.
-    """
+    """An upstream chunk of the wrong shape (see WRONG_SHAPES) after two good tokens: the
+    stream ends with an in-band ``upstream_malformed`` error after exactly those two tokens
+    (nothing of the bad chunk relayed), a whole request gets 502, both are counted as
+    ``engine_error``, and nothing is held."""
     async with fault_bench() as bench:
         bench.flaky.set("payload")
         bench.flaky.payload = WRONG_SHAPES[shape]
@@ -545,14 +546,10 @@ async def test_wrong_shaped_upstream_json_is_an_engine_error_not_a_500(shape: st
 async def test_client_gone_mid_body_is_a_disconnect_not_an_internal_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SRC BUG (found by this suite, issue 9): a client that goes away while sending its body
-    (Content-Length promises 100 bytes, 16 arrive, then the connection closes) makes
-    ``request.body()`` raise Starlette's ClientDisconnect, which reaches the catch-all handler:
-    an ERROR log line with a traceback ("unhandled error on POST /v1/completions") and
-    ``llmserve_rejections_total{reason="internal"}`` + 1, the signal operators alert on for
-    gateway bugs. It is the client's doing: it should count as a disconnect, quietly.
-    Reproduce: ``.venv/bin/pytest tests/reliability/test_faults.py -q -p no:cacheprovider -k
-    mid_body``."""
+    """A client that goes away while sending its body (Content-Length promises 100 bytes, 16
+    arrive, then the connection closes) is the client's doing, not a gateway bug: no ERROR log
+    line (no traceback) and no ``llmserve_rejections_total{reason="internal"}``, the signal
+    operators alert on for gateway bugs; and nothing is held."""
     caplog.set_level(logging.ERROR)
     async with serve(sim_settings()) as server:
         before = await scrape(server.url)
@@ -578,14 +575,11 @@ async def test_client_gone_mid_body_is_a_disconnect_not_an_internal_error(
 
 
 async def test_wedged_upstream_does_not_hold_back_the_other_models_at_start() -> None:
-    """SRC BUG (found by this suite, issue 9): ``ModelRegistry.start`` starts engines one after
-    the other, and a replicated upstream engine's ``start`` awaits its first health check. An
-    upstream whose /health hangs (a wedged server, or an address that drops packets) therefore
-    holds back every model configured after it for the health timeout (5 s by default; per
-    such upstream): meanwhile their requests get 503 ``no_healthy_replica`` and /ready says
-    they are not ready, though their upstreams are fine. Only the wedged model's requests
-    should suffer. Reproduce: ``.venv/bin/pytest tests/reliability/test_faults.py -q -p
-    no:cacheprovider -k hold_back``."""
+    """An upstream whose /health hangs (a wedged server, or an address that drops packets),
+    configured first, holds back no other model at start-up: half a second after the gateway
+    starts, the model configured after it serves a full stream and /ready counts it ready,
+    rather than waiting out the wedged upstream's health timeout (5 s by default). Only the
+    wedged model's requests suffer."""
     flaky, steady = FaultyUpstream(), FaultyUpstream(tokens=25, interval_s=0.03)
     flaky.set("hang_before_headers", health=None)
     await flaky.start()

@@ -6,9 +6,6 @@ Each case must end in a bounded, clear answer: the right status with the OpenAI 
 ``{"error": {"message", "type", "param", "code"}}`` and no traceback, or a closed connection
 where no answer is possible; and afterwards the server still serves and holds no slot
 (``llmserve_requests_in_flight`` and ``llmserve_queue_requests`` back to 0 on /metrics).
-
-Tests marked ``SRC BUG`` in their docstring fail against the code as it is: they state a
-promise the server does not keep yet (see the reproduction in each).
 """
 
 from __future__ import annotations
@@ -182,11 +179,11 @@ async def test_requests_the_http_parser_rejects_get_an_openai_400_and_a_close(
     server: RunningServer,
 ) -> None:
     """Each malformed request gets a 400 and a close at once, no traceback, and the server
-    serves on. SRC BUG (the body only): uvicorn's parser answers these itself, before the app,
-    with ``400 text/plain "Invalid HTTP request received."``, not the OpenAI error body every
-    other error has (nor the security headers: see test_security.py).
+    serves on. The 400 carries the OpenAI error body every other error has (code
+    ``invalid_http``), though the HTTP parser refuses these before the app sees them
+    (http_protocol.py; its security headers are checked in test_security.py).
 
-    Reproduce: ``printf 'GET /v1/\\xff HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc 127.0.0.1 8000``
+    By hand: ``printf 'GET /v1/\\xff HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc 127.0.0.1 8000``
     """
     not_openai = []
     for case, data in MALFORMED_FRAMING.items():
@@ -217,13 +214,14 @@ OVERSIZED_HEADS = {
 
 
 async def test_oversized_request_heads_are_refused(server: RunningServer) -> None:
-    """SRC BUG: uvicorn with httptools puts no bound on a request head, so a 1 MiB header (or
-    10,000 headers) is read whole into memory and served (200). A head far over what any client
-    sends (the test uses 1 MiB; nginx refuses over 8-32 KiB, Node over 16 KiB, h11 over 16 KiB)
-    must get 431 (or 400) and a close. A large but ordinary head (an 8 KiB cookie) is served.
+    """A request head over ``limits.max_header_bytes`` (64 KiB by default; the test sends
+    1 MiB in one header, a cookie or a query string, or 10,000 headers; nginx refuses over
+    8-32 KiB, Node and h11 over 16 KiB) gets 431 (or 400) and a close, without a traceback;
+    uvicorn's httptools protocol alone would read it whole and serve it. A large but ordinary
+    head (an 8 KiB cookie) is served.
 
-    Reproduce: ``curl -H "X-Big: $(head -c 1048576 /dev/zero | tr '\\0' a)" localhost:8000/health``
-    → 200.
+    By hand: ``curl -H "X-Big: $(head -c 1048576 /dev/zero | tr '\\0' a)" localhost:8000/health``
+    → 431.
     """
     problems = []
     for name, head in OVERSIZED_HEADS.items():
@@ -245,12 +243,12 @@ async def test_oversized_request_heads_are_refused(server: RunningServer) -> Non
 
 
 async def test_unfinished_oversized_heads_do_not_grow_server_memory(tmp_path: Path) -> None:
-    """SRC BUG (same cause as above): heads that never finish are buffered without bound, so
-    16 connections sending 8 MiB of one header line each grow the server by ~130 MiB or more
-    (20 x 20 MiB grew it from 74 to 522 MiB when measured). Promise: under 64 MiB of growth,
-    whatever is sent, and the server keeps answering meanwhile.
+    """Heads that never finish are not buffered without bound: 16 connections sending 8 MiB
+    of one unfinished header line each grow the server by under 64 MiB, whatever is sent, and
+    the server keeps answering meanwhile. (Without the bound on heads, 20 x 20 MiB grew it from
+    74 to 522 MiB when measured.)
 
-    Reproduce: open 20 sockets to the server, send ``GET / HTTP/1.1\\r\\nX-Big: `` and 20 MiB of
+    By hand: open 20 sockets to the server, send ``GET / HTTP/1.1\\r\\nX-Big: `` and 20 MiB of
     ``a`` on each without ending the line, and watch the server's RSS.
     """
     gateway = await GatewayProcess(tmp_path, simulated_config()).astart()
@@ -612,7 +610,7 @@ async def test_a_wrong_type_in_any_field_is_a_400_naming_it_never_a_500(
                         response, 404, code="model_not_found", param="model", where=where
                     )
                     continue
-                # max_completion_tokens is checked as max_tokens (and named so: see report).
+                # max_completion_tokens is checked as max_tokens, and the 400 may name either.
                 names = (field, "max_tokens") if field == "max_completion_tokens" else (field,)
                 assert_error_response(response, 400, param=names, where=where)
     for not_an_object in (b"[]", b"null", b"1", b'"s"', b"true", b"", b"{", b"{}{}"):
@@ -684,17 +682,18 @@ async def slow_client(url: str, opening: bytes, drip: bytes | None, bound_s: flo
 async def test_slow_clients_are_answered_or_cut_off_within_the_stated_time(
     server: RunningServer,
 ) -> None:
-    """SRC BUG: uvicorn (httptools) arms its only timer, the keep-alive one, after a response,
-    and cancels it whenever bytes arrive; the app reads bodies without a deadline. So all four
-    slow clients below are held open forever (each costs a socket, a trickled body an ASGI
-    task), and enough of them exhaust the server's file descriptors. Promise: a head must
-    arrive within HEAD_DEADLINE_S (10 s) of the connection opening (or of the previous
-    response), a body within BODY_DEADLINE_S (30 s) of its head; otherwise 408 (OpenAI body)
-    or a close. Meanwhile the server answers others at once and holds no slot for them.
+    """Slow clients (slowloris) are cut off in bounded time: a head must arrive within
+    HEAD_DEADLINE_S (``limits.header_timeout_s``, 10 s) of the connection opening (or of the
+    previous response), a body within BODY_DEADLINE_S (``limits.body_timeout_s``, 30 s) of its
+    head; otherwise 408 (OpenAI body) or a close. (uvicorn's only timer is the keep-alive one,
+    cancelled by the first byte: without these bounds each of the four clients below would be
+    held open forever, and enough of them would exhaust the server's file descriptors.) Meanwhile
+    the server answers others at once and holds no slot for them.
 
-    Reproduce: ``(printf 'POST /v1/completions HTTP/1.1\\r\\nHost: x\\r\\nX-Pad: ';
-    while sleep 1; do printf a; done) | nc 127.0.0.1 8000`` is never cut off; likewise
-    ``nc 127.0.0.1 8000`` sending nothing, or a Content-Length: 4000 body sent a byte a second.
+    By hand: ``(printf 'POST /v1/completions HTTP/1.1\\r\\nHost: x\\r\\nX-Pad: ';
+    while sleep 1; do printf a; done) | nc 127.0.0.1 8000`` is answered 408 within ~10 s;
+    likewise ``nc 127.0.0.1 8000`` sending nothing is closed, and a Content-Length: 4000 body
+    sent a byte a second gets 408 within ~30 s.
     """
     body_head = request_head(
         "POST",

@@ -3,12 +3,12 @@
 operation must never get a 5xx or a traceback, every error must be the OpenAI error body, and
 every response must match what the spec says.
 
-The served spec declares no request bodies today (the routes parse JSON themselves, so FastAPI
-cannot see the schema), which would leave the fuzzer nothing to send. So where an operation
-lacks one, its body schema is taken from the wire models the route validates against
-(``api/protocol.py``), with ``model`` narrowed to the served model's name so that requests get
-past the model lookup to validation and the engine. Once the spec declares its bodies, nothing
-is added.
+The routes parse JSON themselves, so FastAPI cannot see their bodies; the served spec declares
+them all the same (``api/openapi.py``). Should an operation lack one, its body schema is taken
+from the wire models the route validates against (``api/protocol.py``) so that the fuzzer still
+has something to send, with ``model`` narrowed to the served model's name so that requests get
+past the model lookup to validation and the engine; where the spec declares a body, nothing is
+added.
 
 Bounded for CI: a fixed number of examples per operation and mode (derandomised, so each run
 sends the same requests). ``FUZZ_EXAMPLES=500 pytest tests/reliability/test_schemathesis.py``
@@ -195,13 +195,12 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(target: FuzzTarget) -> N
 
 
 def test_fuzzed_responses_conform_to_the_served_spec(target: FuzzTarget) -> None:
-    """SRC BUG: every response must be one the served spec declares, with the declared media
-    type, schema and headers. The spec declares only 200 for each operation (no 400, 401, 403,
-    404, 413, 429 or 503 and no error schema), ``application/json`` for the SSE streams and for
-    /metrics (text/plain), so most answers do not conform. Each distinct mismatch is listed
-    with one request that shows it.
+    """Every response is one the served spec declares, with the declared status, media type,
+    schema and headers: errors (400, 404, 413, 429, 503...) with the OpenAI error schema,
+    ``text/event-stream`` for streams, ``text/plain`` for /metrics. Each distinct mismatch is
+    listed with one request that shows it.
 
-    Reproduce: ``curl -s localhost:8000/openapi.json | jq '.paths["/v1/completions"]'`` and
+    By hand: ``curl -s localhost:8000/openapi.json | jq '.paths["/v1/completions"]'`` and
     compare with ``curl -si localhost:8000/v1/completions -d '{}'`` (a 400).
     """
     found: dict[str, str] = {}
@@ -235,10 +234,9 @@ def test_fuzzed_responses_conform_to_the_served_spec(target: FuzzTarget) -> None
 
 
 def test_the_served_spec_declares_bodies_errors_and_media_types(target: FuzzTarget) -> None:
-    """SRC BUG (the cause of the failures above): the served spec must describe the API as it
-    is, for clients and scanners alike: each POST its JSON request body; each generation route
-    its errors (400, 404, 413, 429, 503 with an error schema) and its ``text/event-stream``
-    answer; /metrics its text/plain answer."""
+    """The served spec describes the API as it is, for clients and scanners alike: each POST
+    its JSON request body; each generation route its errors (400, 404, 413, 429, 503 with an
+    error schema) and its ``text/event-stream`` answer; /metrics its text/plain answer."""
     paths = target.served["paths"]
     missing = []
     for path in BODIES:

@@ -2,10 +2,8 @@
 the path encoding, Host header or method; no key material in any response, log line, /metrics
 output or exported trace; CORS closed unless origins are configured; the response headers a
 security scan expects on every answer (errors, streams and redirects too) and no banner; the
-Host header never reflected; Starlette past its known CVEs.
-
-Tests marked ``SRC BUG`` in their docstring fail against the code as it is: they state a
-promise the server does not keep yet (see the reproduction in each).
+Host header never reflected; an upstream's key never relayed in its error messages; Starlette
+past its known CVEs.
 """
 
 from __future__ import annotations
@@ -497,15 +495,15 @@ async def test_no_key_material_in_responses_logs_metrics_or_traces(
 
 
 async def test_an_upstream_error_naming_its_key_does_not_reach_the_client() -> None:
-    """SRC BUG: the gateway passes an upstream's error message to the client verbatim, so an
-    upstream that names the key it was given (OpenAI's own API answers a bad key with
-    "Incorrect API key provided: sk-...") shows the gateway's upstream key to every caller.
-    Promise: no key material from the configuration reaches a client, whatever the upstream
-    says.
+    """No key material from the configuration reaches a client, whatever the upstream says.
+    An upstream that names the key it was given in its error message (OpenAI's own API answers
+    a bad key with "Incorrect API key provided: sk-...") has that key redacted before the
+    message is relayed, streamed or not, chat or completions; the key is still sent to the
+    upstream itself.
 
-    Reproduce: configure an ``engine: openai`` model whose upstream answers
-    400 ``{"error": {"message": "bad key <the Authorization it got>"}}``; any completion for that
-    model returns the key in ``error.message``.
+    By hand: configure an ``engine: openai`` model whose upstream answers
+    400 ``{"error": {"message": "bad key <the Authorization it got>"}}``; a completion for that
+    model shows ``[redacted]`` in ``error.message``, not the key.
     """
     upstream_key = "sk-upstream-" + new_key().removeprefix(KEY_PREFIX)
 
@@ -631,14 +629,14 @@ async def test_cors_opens_only_to_the_configured_origins(keys: Keys) -> None:
 
 
 async def test_security_headers_on_every_response_of_the_app(keys: Keys) -> None:
-    """SRC BUG (streams only): every answer, 2xx to 5xx, JSON, SSE, HTML and Prometheus text,
-    refusals by auth, body limit, rate limit and queue included, carries X-Content-Type-Options:
-    nosniff, Cache-Control: no-store, X-Frame-Options: DENY and Referrer-Policy: no-referrer,
-    and no Server or X-Powered-By banner. Today streams send ``Cache-Control: no-cache``
-    (api/respond.py SSE_HEADERS), which the security middleware does not override.
+    """Every answer, 2xx to 5xx, JSON, SSE, HTML and Prometheus text, refusals by auth, body
+    limit, rate limit and queue included, carries X-Content-Type-Options: nosniff,
+    Cache-Control: no-store, X-Frame-Options: DENY and Referrer-Policy: no-referrer, and no
+    Server or X-Powered-By banner. Streams too: the middleware's ``no-store`` replaces the
+    ``no-cache`` the SSE response sets.
 
-    Reproduce: ``curl -sN -D- localhost:8000/generate -d '{"prompt":"hi","max_tokens":2}'``
-    → ``cache-control: no-cache``.
+    By hand: ``curl -sN -D- localhost:8000/generate -d '{"prompt":"hi","max_tokens":2}'``
+    → ``cache-control: no-store``.
     """
     settings = secured_settings(keys.path, limits=Limits(max_body_bytes=4096))
     seen: list[tuple[str, httpx.Headers | dict[str, str]]] = []
@@ -715,11 +713,10 @@ async def test_security_headers_on_every_response_of_the_app(keys: Keys) -> None
 async def test_security_headers_on_responses_the_http_parser_writes(
     auth_server: RunningServer,
 ) -> None:
-    """SRC BUG: a request the HTTP parser refuses is answered by uvicorn itself (400, text/plain)
-    without the security headers, since the app's middleware never sees it. uvicorn adds its
-    ``Config(headers=[...])`` to those answers too, which is one way to close this.
+    """A request the HTTP parser refuses never reaches the app or its middleware, yet its 400
+    carries the same security headers (written by the protocol itself, http_protocol.py).
 
-    Reproduce: ``printf 'GET /a b HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc 127.0.0.1 8000``."""
+    By hand: ``printf 'GET /a b HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' | nc 127.0.0.1 8000``."""
     answer = await raw_exchange(auth_server.url, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.status == 400, answer
     problems = security_header_problems(answer.headers, "parser 400")
@@ -752,14 +749,12 @@ async def test_the_served_process_sends_no_banner(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("auth", [True, False])
 async def test_the_host_header_is_never_reflected(keys: Keys, auth: bool) -> None:
-    """SRC BUG: FastAPI's ``redirect_slashes`` answers ``GET /v1/models/`` (and ``/health/``)
-    with a 307 whose Location is built from the Host header, so ``Host: evil.example`` yields
-    ``Location: http://evil.example/v1/models``: a header-injection / cache-poisoning finding
-    in any scan. Promise: nothing a client sends as Host (or X-Forwarded-Host) comes back in a
-    response. (FastAPI(redirect_slashes=False) makes these plain 404s.)
+    """Nothing a client sends as Host (or X-Forwarded-Host) comes back in a response: no
+    trailing-slash redirect builds a Location from it (the app runs with
+    ``redirect_slashes=False``, so ``/v1/models/`` and ``/health/`` are plain 404s), which
+    would be a header-injection / cache-poisoning finding in any scan.
 
-    Reproduce: ``curl -si -H 'Host: evil.example' localhost:8000/health/``
-    → ``location: http://evil.example/health``.
+    By hand: ``curl -si -H 'Host: evil.example' localhost:8000/health/`` → 404, no Location.
     """
     settings = secured_settings(keys.path if auth else None)
     problems = []
