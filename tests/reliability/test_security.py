@@ -708,6 +708,14 @@ async def test_security_headers_on_every_response_of_the_app(keys: Keys) -> None
         seen.append((f"trailing slash ({redirect.status_code})", redirect.headers))
     problems = [p for what, headers in seen for p in security_header_problems(headers, what)]
     assert not problems, "\n".join(problems)
+    # API answers load nothing and may not be framed; only the interactive docs pages (which
+    # load Swagger UI / ReDoc) go without a Content-Security-Policy.
+    for what, headers in seen:
+        csp = headers.get("content-security-policy")
+        if what.startswith(("GET /docs", "GET /redoc")):
+            assert csp is None, (what, csp)
+        else:
+            assert csp == "default-src 'none'; frame-ancestors 'none'", (what, csp)
 
 
 async def test_security_headers_on_responses_the_http_parser_writes(
