@@ -608,3 +608,8 @@ async def test_probes(http: httpx.AsyncClient) -> None:
     ready = await http.get("/ready")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "models": {"sim": True, "slow": True}}
+    # Load balancers and uptime checkers often probe with HEAD: same status, no body.
+    for path in ("/health", "/ready"):
+        head = await http.head(path)
+        assert head.status_code == 200
+        assert head.content == b""

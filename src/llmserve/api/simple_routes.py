@@ -66,6 +66,17 @@ async def ready(gw: GatewayDep) -> Response:
     return json_response(200, {"status": "ready", **body})
 
 
+# HEAD too (same status, no body): load balancers and uptime checkers probe with it.
+@router.head("/health", include_in_schema=False)
+async def health_head() -> Response:
+    return Response(status_code=200)
+
+
+@router.head("/ready", include_in_schema=False)
+async def ready_head(gw: GatewayDep) -> Response:
+    return Response(status_code=(await ready(gw)).status_code)
+
+
 @router.get("/metrics")
 async def metrics(gw: GatewayDep) -> Response:
     """Prometheus exposition: llmserve's and vLLM's metrics, then the scrape-time gauges."""
