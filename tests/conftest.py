@@ -63,11 +63,12 @@ def simulated_settings(**limits: Any) -> Settings:
 
 
 @asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[RunningServer]:
-    """Run the real app under uvicorn (httptools) in this event loop, on a free loopback port."""
+async def serve(settings: Settings, port: int | None = None) -> AsyncIterator[RunningServer]:
+    """Run the real app under uvicorn (httptools) in this event loop, on a loopback port: a
+    free one, or ``port`` (a server that comes back where it was)."""
     registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
     app = create_app(settings, registry)
-    port = free_port()
+    port = port or free_port()
     config = uvicorn_config(app, "127.0.0.1", port, "warning", settings.limits)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from llmserve.api.errors import error_body
 from llmserve.api.security import SECURITY_HEADERS
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -108,18 +109,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self._disarm_head_timer()
-        body = orjson.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": {400: "invalid_http", 408: "request_timeout"}.get(
-                        status, "request_header_fields_too_large"
-                    ),
-                }
-            }
+        code = {400: "invalid_http", 408: "request_timeout"}.get(
+            status, "request_header_fields_too_large"
         )
+        body = orjson.dumps(error_body(message, "invalid_request_error", code=code))
         lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status])]
         lines += [name + b": " + value for name, value in self.server_state.default_headers]
         lines += [name + b": " + value for name, value in SECURITY_HEADERS]

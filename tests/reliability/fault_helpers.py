@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from aiohttp import web
 
 from llmserve.config import Limits, Settings, UpstreamModel
 from tests.conftest import RunningServer, free_port, serve
-from tests.observability.helpers import Scrape, scrape
+from tests.observability.helpers import Scrape, eventually, scrape
 
 # Model names no other test uses: the Prometheus counters are process-global, and the tests
 # compare scrapes before and after on these labels.
@@ -528,25 +528,6 @@ async def ready(url: str) -> tuple[int, dict[str, Any], float]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         response = await client.get("/ready")
     return response.status_code, response.json(), time.monotonic() - started
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], within: float = 5.0, what: str = ""
-) -> None:
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.02)
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
-    """Poll a plain condition until it holds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.01)
 
 
 async def assert_nothing_held(url: str, *upstreams: FaultyUpstream, within: float = 5.0) -> None:

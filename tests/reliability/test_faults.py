@@ -40,7 +40,7 @@ from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineUnavailable
 from llmserve.validation.request import GenerationRequest
 from tests.conftest import serve
-from tests.observability.helpers import scrape
+from tests.observability.helpers import scrape, until_true
 from tests.reliability.fault_helpers import (
     BETWEEN_TOKENS,
     BROKEN,
@@ -67,7 +67,6 @@ from tests.reliability.fault_helpers import (
     ready_becomes,
     rejections,
     settled_statuses,
-    until,
     upstream_failures,
 )
 
@@ -329,7 +328,7 @@ async def test_upstream_crash_mid_stream_then_refused_then_restarted() -> None:
         before = await scrape(bench.url)
 
         async def crash_when_both_mid_stream() -> None:
-            await until(lambda: bench.flaky.mid_stream == 2, 5, "both mid-stream")
+            await until_true(lambda: bench.flaky.mid_stream == 2, 5, "both mid-stream")
             await bench.flaky.stop()
 
         steady, stream, whole, _ = await asyncio.gather(

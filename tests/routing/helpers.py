@@ -23,11 +23,9 @@ from typing import Any
 
 import httpx
 import orjson
-import uvicorn
 from aiohttp import web
 from pydantic import SecretStr
 
-from llmserve.app import create_app
 from llmserve.config import (
     HealthConfig,
     ModelConfig,
@@ -36,8 +34,6 @@ from llmserve.config import (
     UpstreamModel,
     UpstreamReplica,
 )
-from llmserve.engines.registry import ModelRegistry
-from llmserve.server import uvicorn_config
 from tests.conftest import RunningServer, free_port, serve, sim_engine, simulated_settings
 from tests.observability.helpers import Deltas, Scrape, scrape
 from tests.upstream.test_upstream_engine import FakeUpstream, chat_chunk, open_sse
@@ -135,24 +131,6 @@ async def gateway(
         if ready:
             await wait_ready(running.url)
         yield running
-
-
-@asynccontextmanager
-async def serve_at(settings: Settings, port: int) -> AsyncIterator[RunningServer]:
-    """``tests.conftest.serve`` on a given port: a replica that comes back where it was."""
-    registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
-    app = create_app(settings, registry)
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, "warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", settings, registry)
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def wait_ready(url: str, within_s: float = 15.0) -> httpx.Response:

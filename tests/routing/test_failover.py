@@ -35,7 +35,6 @@ from tests.routing.helpers import (
     open_sse,
     replica_labels,
     replica_value,
-    serve_at,
     sim_replicas,
     sim_text,
     started_counts,
@@ -185,7 +184,7 @@ async def test_replica_that_stops_accepting_connections_fails_over_as_connect_ti
     model = "rt-fo-connect"
     port = free_port()
     async with AsyncExitStack() as first_life, sim_replicas(1) as (good,):
-        await first_life.enter_async_context(serve_at(simulated_settings(), port))
+        await first_life.enter_async_context(serve(simulated_settings(), port))
         wedged = f"http://127.0.0.1:{port}"
         # Shorter than the first-token timeout (1 s), so the two cannot be confused.
         async with gateway(upstream_model(model, [wedged, good.url], connect_timeout_s=0.5)) as gw:
@@ -507,7 +506,7 @@ async def test_a_session_pinned_to_a_dead_replica_fails_over() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     async with AsyncExitStack() as pinned_life, sim_replicas(1) as (other,):
-        pinned = await pinned_life.enter_async_context(serve_at(simulated_settings(), port))
+        pinned = await pinned_life.enter_async_context(serve(simulated_settings(), port))
         async with gateway(upstream_model(model, [url, other.url], policy="session")) as gw:
             # A session id that lands on the replica about to die.
             for attempt in range(64):

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 from aiohttp import web
 
 from llmserve.config import SimulatedModel
-from tests.conftest import free_port, simulated_settings
+from tests.conftest import free_port, serve, simulated_settings
 from tests.routing.helpers import (
     Deltas,
     FakeUpstream,
@@ -28,7 +28,6 @@ from tests.routing.helpers import (
     open_sse,
     replica_labels,
     scrape,
-    serve_at,
     sim_replicas,
     started_counts,
     started_since,
@@ -47,7 +46,7 @@ async def test_failed_replica_is_ejected_then_used_again_when_it_comes_back() ->
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     async with AsyncExitStack() as first_life, sim_replicas(1) as (b,):
-        await first_life.enter_async_context(serve_at(simulated_settings(), port))
+        await first_life.enter_async_context(serve(simulated_settings(), port))
         async with gateway(upstream_model(model, [url, b.url])) as gw:
             assert await healthy_gauge(gw.url, model, url, 0) == 1
             await first_life.aclose()  # A dies (active checks run every 60 s here)
@@ -69,7 +68,7 @@ async def test_failed_replica_is_ejected_then_used_again_when_it_comes_back() ->
             assert started_since([b], before_b) == [6]
 
             # A comes back where it was: probed back in, then used.
-            async with serve_at(simulated_settings(), port) as a_again:
+            async with serve(simulated_settings(), port) as a_again:
                 back_after = await until_gauge(gw.url, model, url, 0, 1, within_s=3.0)
                 before = started_counts([a_again, b])
                 for s in await call_many(6, lambda _: call(gw.url, model)):

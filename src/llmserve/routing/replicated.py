@@ -121,7 +121,7 @@ class ReplicatedEngine:
             while True:
                 index = self._balancer.pick(affinity, exclude=tried)
                 if index is None:
-                    raise self._none_left(tried)
+                    raise self._none_left()
                 tried.append(index)
                 started = False
                 events = self._replicas[index].generate(request)
@@ -198,7 +198,7 @@ class ReplicatedEngine:
             hold,
         )
 
-    def _none_left(self, tried: list[int]) -> EngineUnavailable:
+    def _none_left(self) -> EngineUnavailable:
         total = len(self._replicas)
         return EngineUnavailable(
             f"no healthy replica of model '{self._model}' ({total - self._balancer.healthy_count}"
