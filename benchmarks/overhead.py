@@ -194,19 +194,30 @@ async def measure(
     tokens: int,
     rounds: int,
     model: str,
+    stagger: bool = True,
 ) -> Row:
     watched = psutil.Process(proc.pid) if proc is not None and name != "direct" else None
     await asyncio.gather(
         *(one(session, url, 8, model) for _ in range(min(concurrency, 32)))
     )  # warm
+    # Streams in a steady state are spread over a request's life, not started in lockstep:
+    # stream i starts i/N of one request's duration late (measured here, one stream alone).
+    # Without it every round is a burst of N arrivals in the same millisecond, and TTFT
+    # measures how long a gateway takes to accept N requests at once (``--burst``).
+    window_s = 0.0
+    if stagger:
+        ttft, gaps, _ = await one(session, url, tokens, model)
+        window_s = ttft + sum(gaps)
     cpu0 = sum(watched.cpu_times()[:2]) if watched else 0.0
     started = time.perf_counter()
 
-    async def worker() -> list[tuple[float, list[float], int]]:
+    async def worker(offset_s: float) -> list[tuple[float, list[float], int]]:
         # ``concurrency`` streams open at any time, each running ``rounds`` requests in turn.
+        await asyncio.sleep(offset_s)
         return [await one(session, url, tokens, model) for _ in range(rounds)]
 
-    per_worker = await asyncio.gather(*(worker() for _ in range(concurrency)))
+    offsets = [window_s * i / concurrency for i in range(concurrency)]
+    per_worker = await asyncio.gather(*(worker(offset) for offset in offsets))
     results = [r for done in per_worker for r in done]
     elapsed = time.perf_counter() - started
     cpu1 = sum(watched.cpu_times()[:2]) if watched else 0.0
@@ -243,7 +254,15 @@ async def run(args: argparse.Namespace) -> list[Row]:
             for concurrency in args.concurrency:
                 for name, (url, proc) in procs.items():
                     row = await measure(
-                        session, name, url, proc, concurrency, args.tokens, args.rounds, args.model
+                        session,
+                        name,
+                        url,
+                        proc,
+                        concurrency,
+                        args.tokens,
+                        args.rounds,
+                        args.model,
+                        stagger=not args.burst,
                     )
                     print(
                         f"{name:14s} c={concurrency:4d} {row.tokens_per_s:8.0f} tok/s "
@@ -296,7 +315,14 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         + f"{args.tokens} output tokens per request (ignore_eos); streaming completions. "
         f"Every process separate, {os.cpu_count()} CPU cores (shared by the load generator, the "
         "upstream and the gateway under test). CPU per token: the gateway process's user + "
-        "system time over the streamed tokens.",
+        "system time over the streamed tokens. "
+        + (
+            "Every stream starts at once (`--burst`): TTFT includes accepting N requests in the "
+            "same instant."
+            if args.burst
+            else "Streams start spread over one request's duration (a steady state of N open "
+            "streams); `--burst` starts them all at once."
+        ),
         "",
         "| target | streams | tok/s | ratio to direct | TTFT p50 | added TTFT p50 | TTFT p99 | "
         "ITL p50 | ITL p99 | CPU µs/token | errors |",
@@ -373,6 +399,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="start every stream at once (a burst of N arrivals) instead of spread over a request",
+    )
     parser.add_argument("--tokens-per-second", type=float, default=50)
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--litellm", help="path to LiteLLM's `litellm` command")

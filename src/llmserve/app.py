@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
 from llmserve import __version__
-from llmserve.api import openai_routes, simple_routes
+from llmserve.api import generation_routes, openai_routes, simple_routes
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.openapi import install_openapi
@@ -67,6 +67,7 @@ def create_app(
     app.state.gateway = Gateway(
         settings=settings, models=registry, limiter=limiter, metrics=collectors
     )
+    app.router.routes.extend(generation_routes.ROUTES)
     app.include_router(openai_routes.router)
     app.include_router(simple_routes.router)
     install_error_handlers(app)

@@ -3,29 +3,23 @@ then validated against the wire schema. Errors go to the one validation-error ha
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
 
 from llmserve.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def json_body(model: type[M]) -> Callable[[Request], Awaitable[M]]:
-    async def parse(request: Request) -> M:
-        raw = await request.body()
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise InvalidRequest("the request body is not valid JSON") from None
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors(include_url=False)) from None
-
-    return parse
+def parse_json(model: type[M], raw: bytes) -> M:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None

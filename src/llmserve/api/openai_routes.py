@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: chat completions, completions, models."""
+"""OpenAI-compatible routes other than generation (``generation_routes``): the model list."""
 
 from __future__ import annotations
 
@@ -7,58 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
-from starlette.responses import Response
 
-from llmserve.api.body import json_body
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
-from llmserve.api.respond import authorize, respond_stream, respond_whole, start
 from llmserve.api.state import Gateway, gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import ManagedModel, UpstreamModel
-from llmserve.streaming.encoders import OpenAIStreamEncoder
-from llmserve.validation.request import GenerationRequest
-from llmserve.validation.validate import validate_chat, validate_completion
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]
-
-
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: Annotated[ChatCompletionRequest, Depends(json_body(ChatCompletionRequest))],
-    request: Request,
-    gw: GatewayDep,
-) -> Response:
-    name = gw.models.canonical(body.model)
-    authorize(request, body.model, name)
-    if name != body.model:  # an alias: responses, limits and metrics use the model's name
-        body = body.model_copy(update={"model": name})
-    generation = await validate_chat(body, gw.models.get(name).codec, gw.settings.limits)
-    return await _respond(request, gw, generation, body.stream, body.stream_options)
-
-
-@router.post("/v1/completions", response_model=None)
-async def completions(
-    body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
-    request: Request,
-    gw: GatewayDep,
-) -> Response:
-    name = gw.models.canonical(body.model)
-    authorize(request, body.model, name)
-    if name != body.model:  # an alias: responses, limits and metrics use the model's name
-        body = body.model_copy(update={"model": name})
-    generation = await validate_completion(body, gw.models.get(name).codec, gw.settings.limits)
-    return await _respond(request, gw, generation, body.stream, body.stream_options)
-
-
-async def _respond(
-    request: Request, gw: Gateway, generation: GenerationRequest, stream: bool, options: Any
-) -> Response:
-    run = await start(request, gw, generation)
-    if not stream:
-        return await respond_whole(request, run, generation)
-    encoder = OpenAIStreamEncoder(generation, bool(options and options.include_usage))
-    return await respond_stream(request, run, encoder, gw.settings.keepalive_interval_s)
 
 
 @router.get("/v1/models")

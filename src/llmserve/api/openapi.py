@@ -1,9 +1,10 @@
 """The served OpenAPI document, made to describe the API as it is.
 
-The generation routes parse their JSON themselves (orjson, whatever the Content-Type), so FastAPI
-cannot see their request bodies; and every route answers errors with OpenAI's error body, streams
-as ``text/event-stream`` and serves /metrics as Prometheus text. This adds all of that to what
-FastAPI generates, once, when the document is first asked for.
+The generation routes are raw ASGI endpoints that parse their JSON themselves (orjson, whatever
+the Content-Type), so FastAPI sees neither them nor their request bodies; every route answers
+errors with OpenAI's error body; generation streams as ``text/event-stream``; /metrics serves
+Prometheus text. This adds all of that to what FastAPI generates, once, when the document is
+first asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/generate": GenerateRequest,
+}
+# (summary, operationId) of each generation route, as FastAPI would have named them.
+_OPERATIONS = {
+    "/v1/chat/completions": ("Chat Completions", "chat_completions_v1_chat_completions_post"),
+    "/v1/completions": ("Completions", "completions_v1_completions_post"),
+    "/generate": ("Generate", "generate_generate_post"),
 }
 _REF = "#/components/schemas/{model}"
 _ERROR = "OpenAIError"
@@ -72,6 +79,11 @@ def _complete(spec: dict[str, Any]) -> dict[str, Any]:
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(definitions.get("$defs", {}))
     schemas[_ERROR] = _ERROR_SCHEMA
+    generation = {
+        path: {"post": {"summary": summary, "operationId": operation_id, "responses": {}}}
+        for path, (summary, operation_id) in _OPERATIONS.items()
+    }
+    spec["paths"] = {**generation, **spec.get("paths", {})}
     error = {"application/json": {"schema": {"$ref": _REF.format(model=_ERROR)}}}
     for path, operations in spec["paths"].items():
         for operation in operations.values():

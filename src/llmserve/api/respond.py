@@ -1,34 +1,36 @@
-"""From a validated request to an HTTP response: one whole JSON body, or an SSE stream.
+"""From a validated request to an HTTP response: one whole JSON body, or an SSE stream, sent
+straight to the ASGI ``send``.
 
 A stream's status is decided before its first byte where it can be: the first engine event is
-awaited first (for up to one keep-alive interval), so a request refused by the queue or failing
-before its first token gets a real status code. A request still waiting after that gets its
-stream opened and SSE keep-alive comments until its first event; any later error is an in-band
-SSE error event, and the stream still ends cleanly. Whatever happens, ``RequestRun.close`` runs.
+awaited first, so a request refused by the queue or failing before its first token gets a real
+status code. A request still waiting after one keep-alive interval gets its stream opened and
+SSE keep-alive comments until its first event; any later error is an in-band SSE error event,
+and the stream still ends cleanly. Whatever happens, ``RequestRun.close`` runs, and a client
+that goes away stops the request wherever it is (``DisconnectWatch``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import Message, Send
 
 from llmserve.api.admit import ticket_for
-from llmserve.api.errors import json_response
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import ManagedModel, UpstreamModel
-from llmserve.engines.events import EngineEvent
-from llmserve.errors import LLMServeError, PermissionDenied
+from llmserve.engines.events import EngineEvent, TextDelta
+from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
 from llmserve.observability.request_metrics import RequestRecord
 from llmserve.serving.request_run import RequestRun
 from llmserve.serving.run import collect
 from llmserve.streaming import sse
-from llmserve.streaming.disconnect import DisconnectAwareStreamingResponse, until_disconnect
+from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response
 from llmserve.validation.request import GenerationRequest
@@ -36,6 +38,9 @@ from llmserve.validation.request import GenerationRequest
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+_SSE_START = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+    (name.lower().encode(), value.encode()) for name, value in SSE_HEADERS.items()
+]
 
 
 def authorize(request: Request, model: str, canonical: str | None = None) -> None:
@@ -58,7 +63,7 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
     ticket = ticket_for(request, generation, principal, config, timeout_s)
     reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
     record = RequestRecord(generation, principal.name)
-    record.start_span(dict(request.headers))
+    record.start_span(request.headers)
     request.scope.setdefault("state", {})["record"] = record  # for the access line
     return RequestRun(
         gw.models.get(generation.model),
@@ -72,68 +77,140 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
     )
 
 
-async def respond_whole(
-    request: Request, run: RequestRun, generation: GenerationRequest
-) -> Response:
+async def respond(
+    request: Request,
+    send: Send,
+    run: RequestRun,
+    generation: GenerationRequest,
+    encoder: StreamEncoder | None,
+    keepalive_s: float,
+) -> None:
+    """Answer with the run's result: a stream when ``encoder`` is given, else one JSON body.
+    An error before the first byte is raised (the error handlers answer it, with its status),
+    and so is ``ClientDisconnected`` for a client that left before it."""
+    opened = _Opened()
     try:
-        result = await until_disconnect(request, collect(run.events, generation))
+        with DisconnectWatch(request.receive) as watch:
+            if encoder is None:
+                result = await collect(run.events, generation)
+                # Released before the answer leaves: a client that sends its next request on
+                # receipt finds its concurrency slot free again.
+                await run.close()
+                opened.yes = True
+                body = orjson.dumps(full_response(generation, result))
+                await _send_whole(send, body, run.headers)
+            else:
+                await _stream(send, run, encoder, keepalive_s, opened)
     finally:
         await run.close()
-    return json_response(200, full_response(generation, result), run.headers)
+    if watch.gone and not opened.yes:
+        raise ClientDisconnected("the client disconnected")
 
 
-async def respond_stream(
-    request: Request, run: RequestRun, encoder: StreamEncoder, keepalive_s: float
-) -> Response:
-    first: asyncio.Task[EngineEvent | None] = asyncio.ensure_future(anext(run.events, None))
+class _Opened:
+    """Whether the response has started: after that, errors and disconnects stay in band."""
 
-    async def close() -> None:
-        if not first.done():
-            first.cancel()
-            await asyncio.wait({first})
-        if not first.cancelled():
-            first.exception()  # reported to the client already; mark it retrieved
-        await run.close()
+    yes = False
 
+
+async def _send_whole(send: Send, body: bytes, headers: dict[str, str]) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _stream(
+    send: Send, run: RequestRun, encoder: StreamEncoder, keepalive_s: float, opened: _Opened
+) -> None:
+    start: Message = {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": _SSE_START
+        + [(name.lower().encode(), value.encode()) for name, value in run.headers.items()],
+    }
+    keepalive = _KeepAlive(send, start, keepalive_s, opened)
     try:
-        await until_disconnect(request, asyncio.wait({first}, timeout=keepalive_s))
-        if first.done():
-            first.result()  # a failure before the first byte gets its own status code
-    except BaseException:
-        await close()
-        raise
-    return DisconnectAwareStreamingResponse(
-        _frames(first, run, encoder, keepalive_s),
-        media_type="text/event-stream",
-        headers={**SSE_HEADERS, **run.headers},
-        on_close=close,
-    )
-
-
-async def _frames(
-    first: asyncio.Task[EngineEvent | None],
-    run: RequestRun,
-    encoder: StreamEncoder,
-    keepalive_s: float,
-) -> AsyncIterator[bytes]:
-    try:
-        while not first.done():
-            await asyncio.wait({first}, timeout=keepalive_s)
-            if not first.done():
-                yield sse.comment("keep-alive")
-        event = first.result()
-        if event is not None:
-            for frame in encoder.encode(event):
-                yield frame
-            async for event in run.events:
-                for frame in encoder.encode(event):
-                    yield frame
-        for frame in encoder.end():
-            yield frame
+        first = await anext(run.events, None)
     except LLMServeError as exc:
-        for frame in encoder.error(exc):
-            yield frame
-    except Exception:
-        log.exception("a stream failed after it started")
-        for frame in encoder.error(LLMServeError("internal server error")):
-            yield frame
+        if not await keepalive.stop():
+            raise  # nothing sent yet: the error handlers answer with the error's own status
+        await _end(send, encoder.error(exc))
+        return
+    except BaseException:
+        await keepalive.stop()
+        raise
+    if not await keepalive.stop():
+        opened.yes = True
+        await send(start)
+    # A connection broken while sending is the same as a disconnect.
+    with contextlib.suppress(OSError):
+        # Frames that end a choice or the stream (finish, usage) wait for the next text or the
+        # end, so the tail of a stream leaves in one write, not three: each write to a socket
+        # costs the gateway more than building its frame.
+        held: list[bytes] = []
+        try:
+            if first is not None:
+                await _body(send, encoder.encode(first), held, first)
+                async for event in run.events:
+                    await _body(send, encoder.encode(event), held, event)
+            await _end(send, held + encoder.end())
+        except LLMServeError as exc:
+            await _end(send, held + encoder.error(exc))
+        except Exception:
+            log.exception("a stream failed after it started")
+            await _end(send, held + encoder.error(LLMServeError("internal server error")))
+
+
+async def _body(send: Send, frames: list[bytes], held: list[bytes], event: EngineEvent) -> None:
+    if not isinstance(event, TextDelta):
+        held += frames
+    elif frames:
+        if held:
+            frames = held + frames
+            held.clear()
+        body = frames[0] if len(frames) == 1 else b"".join(frames)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _end(send: Send, frames: list[bytes]) -> None:
+    await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
+
+
+_KEEPALIVE: Message = {
+    "type": "http.response.body",
+    "body": sse.comment("keep-alive"),
+    "more_body": True,
+}
+
+
+class _KeepAlive:
+    """Opens the stream and sends SSE comments while the first event is slow to come (a queued
+    request). A timer, and a task only once it fires: most requests never need either."""
+
+    def __init__(self, send: Send, start: Message, interval_s: float, opened: _Opened) -> None:
+        self._opened = opened
+        self._send = send
+        self._start = start
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(interval_s, self._fire)
+
+    def _fire(self) -> None:
+        self._task = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        with contextlib.suppress(OSError):
+            self._opened.yes = True  # uvicorn writes the status line without waiting
+            await self._send(self._start)
+            while True:
+                await self._send(_KEEPALIVE)
+                await asyncio.sleep(self._interval_s)
+
+    async def stop(self) -> bool:
+        """Stop; True if the response was opened (the status line is gone already)."""
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})  # not ``await task``: that would hide our own cancel
+        return self._opened.yes

@@ -1,4 +1,4 @@
-"""The original design's ``/generate`` stream, and the liveness and readiness probes."""
+"""Liveness, readiness and metrics (``/generate`` is in ``generation_routes``)."""
 
 from __future__ import annotations
 
@@ -6,37 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from starlette.requests import Request
 from starlette.responses import Response
 
-from llmserve.api.body import json_body
 from llmserve.api.errors import json_response
-from llmserve.api.protocol import GenerateRequest
-from llmserve.api.respond import authorize, respond_stream, start
 from llmserve.api.state import Gateway, gateway
-from llmserve.streaming.encoders import GenerateStreamEncoder
-from llmserve.validation.validate import validate_generate
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]
-
-
-@router.post("/generate", response_model=None)
-async def generate(
-    body: Annotated[GenerateRequest, Depends(json_body(GenerateRequest))],
-    request: Request,
-    gw: GatewayDep,
-) -> Response:
-    requested = body.model or gw.models.default
-    model = gw.models.canonical(requested)
-    authorize(request, requested, model)
-    generation = await validate_generate(
-        body, model, gw.models.get(model).codec, gw.settings.limits
-    )
-    run = await start(request, gw, generation)
-    return await respond_stream(
-        request, run, GenerateStreamEncoder(), gw.settings.keepalive_interval_s
-    )
 
 
 @router.get("/health")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ class RequestRecord:
         self._itl = prom.INTER_TOKEN_LATENCY.labels(self.generation.model)
         self._generated = prom.GENERATION_TOKENS.labels(self.generation.model, self.key)
 
-    def start_span(self, headers: dict[str, str]) -> None:
+    def start_span(self, headers: Mapping[str, str]) -> None:
         """Open the request's span in the caller's trace (W3C traceparent, if sent)."""
         g = self.generation
         operation = _OPERATION[g.kind]

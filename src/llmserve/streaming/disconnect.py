@@ -1,23 +1,17 @@
 """Client disconnects, noticed as events (``http.disconnect``), not by polling.
 
-A disconnect cancels the work in hand; the engine request is then aborted by ``serving.run``.
+One watcher task per request: when the client goes away while the request's own task is inside
+a ``DisconnectWatch``, that task is cancelled once, wherever it waits (the queue, the engine, a
+send). The engine request is then aborted by ``serving.run`` and everything else is released by
+``RequestRun.close``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
-from typing import TypeVar
+from types import TracebackType
 
-import anyio
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
-
-from llmserve.errors import ClientDisconnected
-
-T = TypeVar("T")
+from starlette.types import Receive
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -26,64 +20,44 @@ async def wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise ClientDisconnected.
+class DisconnectWatch:
+    """While inside it, a client disconnect cancels the current task; on the way out that
+    cancellation is taken back and swallowed (the task goes on), and ``gone`` says it happened.
 
-    Two plain asyncio tasks rather than an anyio task group: this runs once per request, and a
-    task group with its cancel scopes costs several times more."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request.receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({task})  # its cleanup (aborts, releases) has run
-        watcher.cancel()
-    if not task.cancelled() and task.exception() is None:
-        return task.result()
-    if watcher.done() and not watcher.cancelled():
-        raise ClientDisconnected("the client disconnected")
-    return task.result()  # raises the work's own error
-
-
-class DisconnectAwareStreamingResponse(StreamingResponse):
-    """A streaming response that always races its body against the client's disconnect.
-
-    Starlette does this only for ASGI servers older than spec 2.4; newer ones are left to notice
-    on the next failed send, which can be minutes away while a request waits in a queue.
+    One plain task and a done-callback, not a task per awaited step: this runs for every
+    request, and tasks, ``asyncio.wait`` and anyio task groups each cost more than the rest of
+    the bookkeeping together. The task is cancelled at most once, so cleanup that runs after the
+    cancellation (shielded or not) is never interrupted again.
     """
 
-    def __init__(
-        self,
-        content: AsyncIterable[bytes],
-        *,
-        media_type: str,
-        headers: Mapping[str, str],
-        on_close: Callable[[], Awaitable[None]],
-    ) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
-        self._on_close = on_close
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[object] | None = None
+        self._watcher: asyncio.Future[None] | None = None
+        self._inside = False
+        self.gone = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Two plain tasks, not an anyio task group: a cancel scope's cancel formats the task's
-        # repr, which is a measurable part of a short request's cost.
-        body = asyncio.ensure_future(self._send_body(send))
-        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
-        try:
-            await asyncio.wait({body, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            body.cancel()
-            watcher.cancel()
-            # Runs even when the body never started (a disconnect before the first send).
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({body, watcher})
-                await self._on_close()
-        if not body.cancelled():
-            body.result()  # an error while streaming reaches the server's error handling
+    def __enter__(self) -> DisconnectWatch:
+        self._task = asyncio.current_task()
+        self._inside = True
+        self._watcher = asyncio.ensure_future(wait_for_disconnect(self._receive))
+        self._watcher.add_done_callback(self._seen)
+        return self
 
-    async def _send_body(self, send: Send) -> None:
-        # A connection broken while sending is the same as a disconnect.
-        with contextlib.suppress(OSError):
-            await self.stream_response(send)
+    def _seen(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None:
+            return
+        self.gone = True
+        if self._inside and self._task is not None:
+            self._task.cancel()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        self._inside = False
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+        if self.gone and self._task is not None and self._task.cancelling():
+            self._task.uncancel()  # ours: the task itself was not asked to stop
+            return isinstance(exc, asyncio.CancelledError)
+        return False

@@ -1,0 +1,97 @@
+"""The generation routes, /v1/chat/completions, /v1/completions and /generate, as raw ASGI
+endpoints.
+
+Why not FastAPI routes like the others: these are the hot path, and FastAPI's per-request
+machinery (dependency solving, the Request/Response wrappers, the tasks of a streaming response)
+cost more CPU than everything llmserve itself does for a request
+(``benchmarks/results/overhead-profile.md``). They are still Starlette routes of the same app,
+behind the same middleware (access log, security headers, body limit, CORS, auth), and an error
+raised before the first byte is answered by ``api.errors`` like any other route's. The OpenAPI
+document describes them (``api.openapi``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from llmserve.api.body import parse_json
+from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.api.respond import authorize, respond, start
+from llmserve.api.state import Gateway
+from llmserve.streaming.encoders import (
+    GenerateStreamEncoder,
+    OpenAIStreamEncoder,
+    StreamEncoder,
+)
+from llmserve.validation.request import GenerationRequest
+from llmserve.validation.validate import validate_chat, validate_completion, validate_generate
+
+# What a route makes of its body: the validated request, and how to stream it (None: whole).
+Prepared = tuple[GenerationRequest, StreamEncoder | None]
+Prepare = Callable[[Request, Gateway, bytes], Awaitable[Prepared]]
+
+
+class GenerationRoute:
+    """One generation route: body → validated request → quota, queue, engine → response."""
+
+    def __init__(self, prepare: Prepare) -> None:
+        self._prepare = prepare
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        gw: Gateway = scope["app"].state.gateway
+        generation, encoder = await self._prepare(request, gw, await request.body())
+        run = await start(request, gw, generation)
+        await respond(request, send, run, generation, encoder, gw.settings.keepalive_interval_s)
+
+
+async def _chat(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+    body = parse_json(ChatCompletionRequest, raw)
+    name = gw.models.canonical(body.model)
+    authorize(request, body.model, name)
+    if name != body.model:  # an alias: responses, limits and metrics use the model's name
+        body = body.model_copy(update={"model": name})
+    generation = await validate_chat(body, gw.models.get(name).codec, gw.settings.limits)
+    return generation, _openai_encoder(generation, body)
+
+
+async def _completion(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+    body = parse_json(CompletionRequest, raw)
+    name = gw.models.canonical(body.model)
+    authorize(request, body.model, name)
+    if name != body.model:
+        body = body.model_copy(update={"model": name})
+    generation = await validate_completion(body, gw.models.get(name).codec, gw.settings.limits)
+    return generation, _openai_encoder(generation, body)
+
+
+def _openai_encoder(
+    generation: GenerationRequest, body: ChatCompletionRequest | CompletionRequest
+) -> StreamEncoder | None:
+    if not body.stream:
+        return None
+    options = body.stream_options
+    return OpenAIStreamEncoder(generation, bool(options and options.include_usage))
+
+
+async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+    """The original design's ``/generate``: always a stream of ``{"token": ...}`` events."""
+    body = parse_json(GenerateRequest, raw)
+    requested = body.model or gw.models.default
+    model = gw.models.canonical(requested)
+    authorize(request, requested, model)
+    generation = await validate_generate(
+        body, model, gw.models.get(model).codec, gw.settings.limits
+    )
+    return generation, GenerateStreamEncoder()
+
+
+ROUTES = [
+    Route("/v1/chat/completions", GenerationRoute(_chat), methods=["POST"]),
+    Route("/v1/completions", GenerationRoute(_completion), methods=["POST"]),
+    Route("/generate", GenerationRoute(_generate), methods=["POST"]),
+]
