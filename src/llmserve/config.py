@@ -100,7 +100,7 @@ class UpstreamReplica(_Strict):
         return _http_url(value)
 
 
-class _Remote(_Model):
+class RemoteModel(_Model):
     """What every model behind OpenAI-compatible servers shares: routing, health, timeouts."""
 
     # The model's name at the upstream; defaults to ``name``.
@@ -121,7 +121,7 @@ class _Remote(_Model):
     health: HealthConfig = HealthConfig()
 
 
-class UpstreamModel(_Remote):
+class UpstreamModel(RemoteModel):
     """A model served by OpenAI-compatible servers elsewhere (``vllm serve``, TGI, SGLang...):
     ``url`` for one, ``replicas`` for several."""
 
@@ -152,7 +152,7 @@ class UpstreamModel(_Remote):
         )
 
 
-class ManagedModel(_Remote):
+class ManagedModel(RemoteModel):
     """``vllm serve`` processes that llmserve starts on loopback, health-checks and restarts with
     backoff when they exit; a crash never takes down the gateway or the other models."""
 

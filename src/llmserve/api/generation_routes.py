@@ -13,6 +13,7 @@ document describes them (``api.openapi``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.routing import Route
@@ -22,6 +23,8 @@ from llmserve.api.body import parse_json
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
+from llmserve.config import Limits
+from llmserve.engines.base import PromptCodec
 from llmserve.streaming.encoders import (
     GenerateStreamEncoder,
     OpenAIStreamEncoder,
@@ -33,6 +36,7 @@ from llmserve.validation.validate import validate_chat, validate_completion, val
 # What a route makes of its body: the validated request, and how to stream it (None: whole).
 Prepared = tuple[GenerationRequest, StreamEncoder | None]
 Prepare = Callable[[Request, Gateway, bytes], Awaitable[Prepared]]
+OpenAIBody = TypeVar("OpenAIBody", ChatCompletionRequest, CompletionRequest)
 
 
 class GenerationRoute:
@@ -49,29 +53,25 @@ class GenerationRoute:
         await respond(request, send, run, generation, encoder, gw.settings.keepalive_interval_s)
 
 
-async def _chat(request: Request, gw: Gateway, raw: bytes) -> Prepared:
-    body = parse_json(ChatCompletionRequest, raw)
-    name = gw.models.canonical(body.model)
-    authorize(request, body.model, name)
-    if name != body.model:  # an alias: responses, limits and metrics use the model's name
-        body = body.model_copy(update={"model": name})
-    generation = await validate_chat(body, gw.models.get(name).codec, gw.settings.limits)
-    return generation, _openai_encoder(generation, body)
+def _openai(
+    schema: type[OpenAIBody],
+    validate: Callable[[OpenAIBody, PromptCodec, Limits], Awaitable[GenerationRequest]],
+) -> Prepare:
+    """Chat or completions: the same steps, each with its own schema and validation."""
+
+    async def prepare(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+        body = parse_json(schema, raw)
+        name = gw.models.canonical(body.model)
+        authorize(request, body.model, name)
+        if name != body.model:  # an alias: responses, limits and metrics use the model's name
+            body = body.model_copy(update={"model": name})
+        generation = await validate(body, gw.models.get(name).codec, gw.settings.limits)
+        return generation, _openai_encoder(generation, body)
+
+    return prepare
 
 
-async def _completion(request: Request, gw: Gateway, raw: bytes) -> Prepared:
-    body = parse_json(CompletionRequest, raw)
-    name = gw.models.canonical(body.model)
-    authorize(request, body.model, name)
-    if name != body.model:
-        body = body.model_copy(update={"model": name})
-    generation = await validate_completion(body, gw.models.get(name).codec, gw.settings.limits)
-    return generation, _openai_encoder(generation, body)
-
-
-def _openai_encoder(
-    generation: GenerationRequest, body: ChatCompletionRequest | CompletionRequest
-) -> StreamEncoder | None:
+def _openai_encoder(generation: GenerationRequest, body: OpenAIBody) -> StreamEncoder | None:
     if not body.stream:
         return None
     options = body.stream_options
@@ -91,7 +91,15 @@ async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
 
 
 ROUTES = [
-    Route("/v1/chat/completions", GenerationRoute(_chat), methods=["POST"]),
-    Route("/v1/completions", GenerationRoute(_completion), methods=["POST"]),
+    Route(
+        "/v1/chat/completions",
+        GenerationRoute(_openai(ChatCompletionRequest, validate_chat)),
+        methods=["POST"],
+    ),
+    Route(
+        "/v1/completions",
+        GenerationRoute(_openai(CompletionRequest, validate_completion)),
+        methods=["POST"],
+    ),
     Route("/generate", GenerationRoute(_generate), methods=["POST"]),
 ]

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from llmserve.api.state import Gateway, gateway
 from llmserve.auth.principal import principal_for
-from llmserve.config import ManagedModel, UpstreamModel
+from llmserve.config import RemoteModel
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]
@@ -43,9 +43,7 @@ async def list_models(request: Request, gw: GatewayDep) -> dict[str, Any]:
 
 def _max_model_len(gw: Gateway, name: str) -> int | None:
     config = gw.models.config(name)
-    if isinstance(
-        config, UpstreamModel | ManagedModel
-    ):  # its codec only estimates: report what was configured
+    if isinstance(config, RemoteModel):  # its codec only estimates: report what was configured
         return config.max_model_len
     try:
         return gw.models.get(name).codec.max_model_len

@@ -16,14 +16,14 @@ import contextlib
 import dataclasses
 import logging
 
-import orjson
 from starlette.requests import Request
 from starlette.types import Message, Send
 
 from llmserve.api.admit import ticket_for
+from llmserve.api.errors import json_response
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
-from llmserve.config import ManagedModel, UpstreamModel
+from llmserve.config import RemoteModel
 from llmserve.engines.events import EngineEvent, TextDelta
 from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
 from llmserve.observability.request_metrics import RequestRecord
@@ -37,10 +37,11 @@ from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-_SSE_START = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
-    (name.lower().encode(), value.encode()) for name, value in SSE_HEADERS.items()
-]
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-store",
+    "X-Accel-Buffering": "no",
+}
 
 
 def authorize(request: Request, model: str, canonical: str | None = None) -> None:
@@ -55,7 +56,7 @@ async def start(request: Request, gw: Gateway, generation: GenerationRequest) ->
     principal = principal_for(request)
     config = gw.models.config(generation.model)
     timeout_s = gw.settings.limits.request_timeout_s
-    if isinstance(config, UpstreamModel | ManagedModel):
+    if isinstance(config, RemoteModel):
         timeout_s = min(timeout_s, config.total_timeout_s or timeout_s)
         session = request.headers.get(config.routing.session_header)
         if session:
@@ -97,8 +98,8 @@ async def respond(
                 # receipt finds its concurrency slot free again.
                 await run.close()
                 opened.yes = True
-                body = orjson.dumps(full_response(generation, result))
-                await _send_whole(send, body, run.headers)
+                response = json_response(200, full_response(generation, result), run.headers)
+                await response(request.scope, request.receive, send)
             else:
                 await _stream(send, run, encoder, keepalive_s, opened)
     finally:
@@ -113,21 +114,16 @@ class _Opened:
     yes = False
 
 
-async def _send_whole(send: Send, body: bytes, headers: dict[str, str]) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-    await send({"type": "http.response.start", "status": 200, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _stream(
     send: Send, run: RequestRun, encoder: StreamEncoder, keepalive_s: float, opened: _Opened
 ) -> None:
     start: Message = {
         "type": "http.response.start",
         "status": 200,
-        "headers": _SSE_START
-        + [(name.lower().encode(), value.encode()) for name, value in run.headers.items()],
+        "headers": [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in {**_SSE_HEADERS, **run.headers}.items()
+        ],
     }
     keepalive = _KeepAlive(send, start, keepalive_s, opened)
     try:

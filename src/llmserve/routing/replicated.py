@@ -117,11 +117,14 @@ class ReplicatedEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         affinity = self._affinity(request)
         tried: list[int] = []
+        # The next replica to try: picked once per attempt, and a failover uses the pick that
+        # decided it could fail over.
+        picked = self._balancer.pick(affinity)
         try:
             while True:
-                index = self._balancer.pick(affinity, exclude=tried)
-                if index is None:
+                if picked is None:
                     raise self._none_left()
+                index = picked
                 tried.append(index)
                 started = False
                 events = self._replicas[index].generate(request)
@@ -140,8 +143,8 @@ class ReplicatedEngine:
                     self._failed(index, exc)
                     if started or len(tried) > 1:
                         raise
-                    retry = self._balancer.pick(affinity, exclude=tried) is not None
-                    if not retry:
+                    picked = self._balancer.pick(affinity, exclude=tried)
+                    if picked is None:
                         raise
                     prom.FAILOVERS.labels(self._model).inc()
                     log.warning(
