@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import uvicorn
+from aiohttp import web
 
 from llmserve.app import create_app
-from llmserve.config import Limits, Settings, SimulatedModel
+from llmserve.config import AdmissionConfig, Limits, Settings, SimulatedModel
 from llmserve.engines.registry import ModelRegistry
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.server import uvicorn_config
@@ -30,6 +31,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def start_openai_server(
+    port: int, generate: Handler, health: Handler, shutdown_timeout_s: float = 0.5
+) -> web.AppRunner:
+    """A fake OpenAI-compatible server on loopback: both generation routes and /health. The
+    port may be reused at once, so a test can stop it and start it again in the same place."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    return runner
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -40,26 +59,33 @@ class RunningServer:
         return self.models.get(name)
 
 
+def simulated_models(
+    tokens_per_second: float = 200,
+    first_token_latency_s: float = 0.01,
+    slow_admission: AdmissionConfig | None = None,
+) -> list[SimulatedModel]:
+    """ "sim", a 256-token context at ``tokens_per_second``, and "slow" (10 tokens/s)."""
+    return [
+        SimulatedModel(
+            engine="simulated",
+            name="sim",
+            tokens_per_second=tokens_per_second,
+            first_token_latency_s=first_token_latency_s,
+            max_model_len=256,
+        ),
+        SimulatedModel(
+            engine="simulated",
+            name="slow",
+            tokens_per_second=10,
+            first_token_latency_s=0.05,
+            max_model_len=4096,
+            admission=slow_admission or AdmissionConfig(),
+        ),
+    ]
+
+
 def simulated_settings(**limits: Any) -> Settings:
-    return Settings(
-        models=[
-            SimulatedModel(
-                engine="simulated",
-                name="sim",
-                tokens_per_second=200,
-                first_token_latency_s=0.01,
-                max_model_len=256,
-            ),
-            SimulatedModel(
-                engine="simulated",
-                name="slow",
-                tokens_per_second=10,
-                first_token_latency_s=0.05,
-                max_model_len=4096,
-            ),
-        ],
-        limits=Limits(**limits),
-    )
+    return Settings(models=simulated_models(), limits=Limits(**limits))
 
 
 @asynccontextmanager

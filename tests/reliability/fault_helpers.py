@@ -13,13 +13,14 @@ gateway that gave up on a request must also have closed the upstream connection)
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,15 @@ import orjson
 from aiohttp import web
 
 from llmserve.config import Limits, Settings, UpstreamModel
-from tests.conftest import RunningServer, free_port, serve
+from tests import sse_client
+from tests.conftest import RunningServer, free_port, serve, start_openai_server
 from tests.observability.helpers import Scrape, eventually, scrape
+from tests.sse_client import Seen
 
 # Model names no other test uses: the Prometheus counters are process-global, and the tests
 # compare scrapes before and after on these labels.
 FLAKY = "fault-flaky"
 STEADY = "fault-steady"
-MESSAGES = [{"role": "user", "content": "Tell me about faults."}]
-PROMPT = "Once upon a fault"
 WORDS = tuple(f" w{i}" for i in range(100))
 
 # What a misbehaving upstream does with a generation request.
@@ -139,13 +140,7 @@ class FaultyUpstream:
 
     async def start(self) -> None:
         assert self._runner is None, "already running"
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._generate)
-        app.router.add_post("/v1/completions", self._generate)
-        app.router.add_get("/health", self._health)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start()
+        runner = await start_openai_server(self.port, self._generate, self._health)
         self._release = asyncio.Event()
         self._runner = runner
 
@@ -313,96 +308,9 @@ async def fault_bench(start_flaky: bool = True, **settings: Any) -> AsyncIterato
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Seen:
-    """What one client saw, for a whole response or a stream."""
-
-    status: int
-    content_type: str
-    stream: bool
-    text: str = ""
-    error: dict[str, Any] | None = None  # the OpenAI error object, whole body or in-band
-    in_band: bool = False  # the error came inside a 200 stream
-    done: bool = False  # the stream ended with data: [DONE]
-    finish_reasons: list[str] = field(default_factory=list)
-    keepalives: int = 0
-    arrivals: list[float] = field(default_factory=list)  # monotonic time of each text delta
-    elapsed_s: float = 0.0
-    retry_after: str | None = None
-
-    @property
-    def max_gap_s(self) -> float:
-        gaps = [b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)]
-        return max(gaps, default=0.0)
-
-
-async def call(
-    url: str,
-    model: str,
-    *,
-    stream: bool,
-    route: str = "chat",
-    max_tokens: int = 50,
-    timeout_s: float = 20.0,
-) -> Seen:
-    """One request, read to its end; the client never gives up first (``timeout_s`` is a
-    safety net that fails the test: a gateway must end every request by itself)."""
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
-    if route == "chat":
-        body["messages"] = MESSAGES
-        path = "/v1/chat/completions"
-    else:
-        body["prompt"] = PROMPT
-        path = "/v1/completions"
-    started = time.monotonic()
-    async with (
-        httpx.AsyncClient(base_url=url, timeout=timeout_s) as client,
-        client.stream("POST", path, json=body) as response,
-    ):
-        seen = Seen(
-            response.status_code,
-            response.headers.get("content-type", ""),
-            stream,
-            retry_after=response.headers.get("retry-after"),
-        )
-        if not seen.content_type.startswith("text/event-stream"):
-            raw = await response.aread()
-            data = orjson.loads(raw)
-            if "error" in data:
-                seen.error = data["error"]
-            else:
-                for choice in data["choices"]:
-                    seen.text += choice["message"]["content"] if route == "chat" else choice["text"]
-                    seen.finish_reasons.append(choice["finish_reason"])
-        else:
-            async for line in response.aiter_lines():
-                _read_line(seen, line)
-    seen.elapsed_s = time.monotonic() - started
-    return seen
-
-
-def _read_line(seen: Seen, line: str) -> None:
-    if line.startswith(":"):
-        seen.keepalives += 1
-        return
-    if not line.startswith("data:"):
-        return
-    payload = line[5:].strip()
-    if payload == "[DONE]":
-        seen.done = True
-        return
-    data = orjson.loads(payload)
-    if "error" in data:
-        seen.error = data["error"]
-        seen.in_band = True
-        return
-    for choice in data.get("choices") or ():
-        text = (choice.get("delta") or {}).get("content") or choice.get("text")
-        if text:
-            seen.text += text if isinstance(text, str) else repr(text)
-            seen.arrivals.append(time.monotonic())
-        if choice.get("finish_reason"):
-            seen.finish_reasons.append(choice["finish_reason"])
+# The fault upstreams stream up to 100 words; a request asks for 50 of them, and may take
+# 20 s before the client's safety net fails the test.
+call = functools.partial(sse_client.call, max_tokens=50, timeout_s=20.0)
 
 
 def assert_completed(seen: Seen, tokens: int) -> None:

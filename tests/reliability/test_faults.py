@@ -54,7 +54,6 @@ from tests.reliability.fault_helpers import (
     WORDS,
     Bench,
     FaultyUpstream,
-    Seen,
     assert_completed,
     assert_error_status,
     assert_in_band_error,
@@ -69,6 +68,7 @@ from tests.reliability.fault_helpers import (
     settled_statuses,
     upstream_failures,
 )
+from tests.sse_client import Seen
 
 STEADY_STREAMS = 6
 STEADY_TOKENS = 25  # 30 ms apart: 0.75 s, overlapping every fault below

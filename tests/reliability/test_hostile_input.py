@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from llmserve.config import Limits, Settings, SimulatedModel
+from llmserve.config import Limits, Settings
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.validation.request import ChatMessage
-from tests.conftest import RunningServer, serve
+from tests.conftest import RunningServer, serve, simulated_models
 from tests.reliability.helpers import (
     GatewayProcess,
     RawAnswer,
@@ -40,30 +40,13 @@ from tests.reliability.helpers import (
     simulated_config,
 )
 
-# "sim" is fast (a 256-token reply takes ~13 ms) with a 256-token context; "slow" is slow.
+# "sim" is fast (a 256-token reply takes ~13 ms) with the 256-token context of
+# conftest.simulated_models; "slow" is slow.
 SIM_CONTEXT = 256
 
 
 def fast_settings(**limits: Any) -> Settings:
-    return Settings(
-        models=[
-            SimulatedModel(
-                engine="simulated",
-                name="sim",
-                tokens_per_second=20_000,
-                first_token_latency_s=0.0,
-                max_model_len=SIM_CONTEXT,
-            ),
-            SimulatedModel(
-                engine="simulated",
-                name="slow",
-                tokens_per_second=10,
-                first_token_latency_s=0.05,
-                max_model_len=4096,
-            ),
-        ],
-        limits=Limits(**limits),
-    )
+    return Settings(models=simulated_models(20_000, 0.0), limits=Limits(**limits))
 
 
 @pytest.fixture

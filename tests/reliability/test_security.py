@@ -34,12 +34,11 @@ from llmserve.config import (
     CorsConfig,
     Limits,
     Settings,
-    SimulatedModel,
     UpstreamModel,
 )
 from llmserve.engines.registry import ModelRegistry
 from tests.auth.helpers import add_key, bearer
-from tests.conftest import RunningServer, serve
+from tests.conftest import RunningServer, serve, simulated_models
 from tests.reliability.helpers import (
     GatewayProcess,
     RawAnswer,
@@ -57,23 +56,9 @@ COMPLETION = {"model": "sim", "prompt": "hi", "max_tokens": 2}
 
 
 def models() -> list[Any]:
-    return [
-        SimulatedModel(
-            engine="simulated",
-            name="sim",
-            tokens_per_second=5000,
-            first_token_latency_s=0.0,
-            max_model_len=256,
-        ),
-        SimulatedModel(
-            engine="simulated",
-            name="slow",
-            tokens_per_second=10,
-            first_token_latency_s=0.05,
-            max_model_len=4096,
-            admission=AdmissionConfig(max_in_flight=1, max_waiting_requests=0),
-        ),
-    ]
+    return simulated_models(
+        5000, 0.0, slow_admission=AdmissionConfig(max_in_flight=1, max_waiting_requests=0)
+    )
 
 
 def secured_settings(keys_path: Path | None, **extra: Any) -> Settings:

@@ -18,7 +18,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -34,8 +33,16 @@ from llmserve.config import (
     UpstreamModel,
     UpstreamReplica,
 )
-from tests.conftest import RunningServer, free_port, serve, sim_engine, simulated_settings
+from tests.conftest import (
+    RunningServer,
+    free_port,
+    serve,
+    sim_engine,
+    simulated_settings,
+    start_openai_server,
+)
 from tests.observability.helpers import Deltas, Scrape, scrape
+from tests.sse_client import Seen
 from tests.upstream.test_upstream_engine import FakeUpstream, chat_chunk, open_sse
 
 __all__ = [
@@ -47,8 +54,6 @@ __all__ = [
     "scrape",
 ]
 
-MESSAGES = [{"role": "user", "content": "Tell me about routing."}]
-PROMPT = "Once upon a route"
 # What the simulated engine emits without a seed: its word cycle from the start.
 SIM_WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
 
@@ -154,103 +159,6 @@ async def get_json(url: str, path: str) -> tuple[int, Any, httpx.Headers]:
 # ---------------------------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What one client saw of one request, the same shape for whole responses and streams."""
-
-    status: int
-    content_type: str
-    stream: bool
-    headers: httpx.Headers
-    model: str | None = None
-    text: str = ""
-    error: dict[str, Any] | None = None  # the OpenAI error object, whole body or in-band
-    in_band: bool = False  # the error came inside a 200 stream
-    done: bool = False  # the stream ended with data: [DONE]
-    finish_reasons: list[str] = field(default_factory=list)
-    events_after_error: int = 0  # data events other than [DONE] after an in-band error
-    elapsed_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and self.error is None and bool(self.finish_reasons)
-
-    @property
-    def code(self) -> str | None:
-        return None if self.error is None else self.error.get("code")
-
-
-async def call(
-    url: str,
-    model: str,
-    *,
-    stream: bool = True,
-    route: str = "chat",
-    max_tokens: int = 5,
-    headers: dict[str, str] | None = None,
-    timeout_s: float = 30.0,
-    **extra: Any,
-) -> Seen:
-    """One request, read to its end. The client never gives up first: ``timeout_s`` is a
-    safety net that fails the test, a gateway must end every request by itself."""
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "stream": stream}
-    if route == "chat":
-        body["messages"] = MESSAGES
-        path = "/v1/chat/completions"
-    else:
-        body["prompt"] = PROMPT
-        path = "/v1/completions"
-    body.update(extra)
-    started = time.monotonic()
-    async with (
-        httpx.AsyncClient(base_url=url, timeout=timeout_s) as client,
-        client.stream("POST", path, json=body, headers=headers) as response,
-    ):
-        seen = Seen(
-            response.status_code,
-            response.headers.get("content-type", ""),
-            stream,
-            response.headers,
-        )
-        if not seen.content_type.startswith("text/event-stream"):
-            data = orjson.loads(await response.aread())
-            if "error" in data:
-                seen.error = data["error"]
-            else:
-                seen.model = data.get("model")
-                for choice in data["choices"]:
-                    seen.text += choice["message"]["content"] if route == "chat" else choice["text"]
-                    seen.finish_reasons.append(choice["finish_reason"])
-        else:
-            async for line in response.aiter_lines():
-                _read_line(seen, line)
-    seen.elapsed_s = time.monotonic() - started
-    return seen
-
-
-def _read_line(seen: Seen, line: str) -> None:
-    if not line.startswith("data:"):
-        return
-    payload = line[5:].strip()
-    if payload == "[DONE]":
-        seen.done = True
-        return
-    data = orjson.loads(payload)
-    if seen.error is not None:
-        seen.events_after_error += 1
-    if "error" in data:
-        seen.error = data["error"]
-        seen.in_band = True
-        return
-    seen.model = data.get("model", seen.model)
-    for choice in data.get("choices") or ():
-        text = (choice.get("delta") or {}).get("content") or choice.get("text")
-        if text:
-            seen.text += text
-        if choice.get("finish_reason"):
-            seen.finish_reasons.append(choice["finish_reason"])
 
 
 async def call_many(count: int, make: Callable[[int], Awaitable[Seen]]) -> list[Seen]:
@@ -437,13 +345,7 @@ class SwitchableUpstream:
         return len(self.authorizations)
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._generate)
-        app.router.add_post("/v1/completions", self._generate)
-        app.router.add_get("/health", self._health)
-        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start()
+        runner = await start_openai_server(self.port, self._generate, self._health)
         self._release = asyncio.Event()
         self._runner = runner
 

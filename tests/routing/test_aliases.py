@@ -15,7 +15,6 @@ from tests.routing.helpers import (
     Deltas,
     assert_error,
     assert_full,
-    call,
     closed_url,
     gateway,
     get_json,
@@ -24,6 +23,7 @@ from tests.routing.helpers import (
     until_in_flight,
     upstream_model,
 )
+from tests.sse_client import call
 
 CANONICAL = "rt-alias"
 ALIASES = ("rt-alias-a", "rt-alias-b")

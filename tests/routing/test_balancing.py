@@ -15,7 +15,6 @@ from tests.conftest import sim_engine
 from tests.routing.helpers import (
     SwitchableUpstream,
     assert_full,
-    call,
     call_many,
     gateway,
     served_by,
@@ -25,6 +24,7 @@ from tests.routing.helpers import (
     switchable_text,
     upstream_model,
 )
+from tests.sse_client import call
 
 
 async def test_concurrent_streams_split_evenly_by_default() -> None:

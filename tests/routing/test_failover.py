@@ -26,7 +26,6 @@ from tests.routing.helpers import (
     assert_error,
     assert_full,
     assert_in_band,
-    call,
     call_many,
     chat_chunk,
     closed_url,
@@ -41,6 +40,7 @@ from tests.routing.helpers import (
     started_since,
     upstream_model,
 )
+from tests.sse_client import call
 from tests.upstream.test_upstream_engine import fake_upstream
 
 FIRST_TOKEN_TIMEOUT_S = 1.0  # FAST_TIMEOUTS in helpers: every gateway here uses it

@@ -19,7 +19,6 @@ from tests.routing.helpers import (
     assert_error,
     assert_full,
     assert_in_band,
-    call,
     call_many,
     chat_chunk,
     gateway,
@@ -35,6 +34,7 @@ from tests.routing.helpers import (
     until_gauge,
     upstream_model,
 )
+from tests.sse_client import call
 from tests.upstream.test_upstream_engine import fake_upstream
 
 

@@ -27,13 +27,13 @@ from tests.conftest import free_port
 from tests.routing.helpers import (
     Deltas,
     assert_full,
-    call,
     call_many,
     gateway,
     get_json,
     scrape,
     wait_ready,
 )
+from tests.sse_client import call
 
 # A child llmserve takes 1-2 s to answer on an idle 2-core machine, several times that on a
 # busy one: the bounds below are generous, the tests return as soon as what they wait for holds.

@@ -24,7 +24,14 @@ from openai import AsyncOpenAI
 
 from llmserve.config import Settings, UpstreamModel
 from llmserve.engines.simulated import SimulatedEngine
-from tests.conftest import RunningServer, free_port, serve, sim_engine, simulated_settings
+from tests.conftest import (
+    RunningServer,
+    free_port,
+    serve,
+    sim_engine,
+    simulated_settings,
+    start_openai_server,
+)
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 PROMPT = "Once upon a time"
@@ -223,13 +230,7 @@ async def fake_upstream(
     async def health(_: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", generate)
-    app.router.add_post("/v1/completions", generate)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await start_openai_server(port, generate, health, shutdown_timeout_s=1.0)
     try:
         yield fake
     finally:
