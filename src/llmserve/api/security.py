@@ -5,6 +5,8 @@ type check here, not a Response rebuild."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Nothing here is meant to be cached, framed, sniffed into another type, or sent on as a referrer.
@@ -31,7 +33,8 @@ class SecurityHeaders:
             return
         extra = SECURITY_HEADERS if scope["path"] in _DOC_PAGES else _API_HEADERS
 
-        async def send_with_headers(message: Message) -> None:
+        # Hands back send's awaitable (see AccessLogMiddleware): body messages pass untouched.
+        def send_with_headers(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 # Ours replace any the app set (SSE's no-cache becomes no-store).
                 ours = {name for name, _ in extra}
@@ -39,6 +42,6 @@ class SecurityHeaders:
                     *(h for h in message.get("headers", ()) if h[0].lower() not in ours),
                     *extra,
                 ]
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -1,4 +1,4 @@
-"""What an engine yields while it generates: narrow, immutable event types."""
+"""What an engine yields while it generates: narrow event types, treated as immutable values."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though nothing changes one: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, which makes it 3-4x slower to build (0.9 against 0.25 us), and one is
+# built per streamed token.
+@dataclass(slots=True)
 class TextDelta:
     """New text for one choice, and how many tokens it took."""
 

@@ -345,7 +345,8 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
         if not 0 <= index < n:
             raise ValueError(f"choice index {index} outside 0..{n - 1}")
         text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-        logprobs = _parse_logprobs(choice.get("logprobs"), chat)
+        raw_logprobs = choice.get("logprobs")
+        logprobs = _parse_logprobs(raw_logprobs, chat) if raw_logprobs else None
         if text:
             events.append(TextDelta(index, text, len(logprobs) if logprobs else 1, logprobs))
         if choice.get("finish_reason"):

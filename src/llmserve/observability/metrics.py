@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmserve.observability.loop_histogram import LoopHistogram
+
 # LLM latencies run from milliseconds (a token) to minutes (a long generation in a full queue).
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -35,7 +37,8 @@ TIME_TO_FIRST_TOKEN = Histogram(
     ["model"],
     buckets=_TTFT_BUCKETS,
 )
-INTER_TOKEN_LATENCY = Histogram(
+# Observed once per streamed token: a lock-free histogram (see loop_histogram.py).
+INTER_TOKEN_LATENCY = LoopHistogram(
     "llmserve_inter_token_latency_seconds",
     "Between consecutive token deltas of a stream.",
     ["model"],
