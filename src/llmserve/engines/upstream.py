@@ -360,9 +360,8 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
     return events
 
 
-def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...] | None:
-    if not raw:
-        return None
+def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...]:
+    """A choice's logprobs, which the caller has seen are there (most chunks carry none)."""
     if chat:
         return tuple(
             TokenLogprob(

@@ -52,6 +52,11 @@ class LoopHistogram(Collector):
         self._bounds = tuple(float(b) for b in buckets if not math.isinf(b))
         if list(self._bounds) != sorted(set(self._bounds)):
             raise ValueError("buckets must be increasing")
+        # le as prometheus_client writes it ("0.005", "1.0", "+Inf"); its helper is untyped.
+        self._les = [
+            floatToGoString(b)  # type: ignore[no-untyped-call]
+            for b in (*self._bounds, math.inf)
+        ]
         self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
         if registry is not None:
             registry.register(self)
@@ -73,10 +78,8 @@ class LoopHistogram(Collector):
         for key, child in list(self._children.items()):
             counts, total = list(child.counts), child.sum
             cumulative, buckets = 0, []
-            for bound, count in zip((*self._bounds, math.inf), counts, strict=True):
+            for le, count in zip(self._les, counts, strict=True):
                 cumulative += count
-                # le as prometheus_client writes it ("0.005", "1.0", "+Inf"); its helper is untyped
-                le = floatToGoString(bound)  # type: ignore[no-untyped-call]
                 buckets.append((le, float(cumulative)))
             family.add_metric(list(key), buckets, total)
         yield family
