@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from llmserve import __version__
 from llmserve.api import generation_routes, openai_routes, simple_routes
@@ -17,6 +18,7 @@ from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.openapi import install_openapi
 from llmserve.api.security import SecurityHeaders
+from llmserve.api.server_send import KeepServerSend
 from llmserve.api.state import Gateway
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.middleware import AuthMiddleware
@@ -28,6 +30,12 @@ from llmserve.observability.gpu import GpuCollector
 from llmserve.observability.logs import AccessLogMiddleware
 
 log = logging.getLogger(__name__)
+
+
+class LLMServeApp(FastAPI):
+    def build_middleware_stack(self) -> ASGIApp:
+        # Outside Starlette's own error middleware too, so it keeps the server's send itself.
+        return KeepServerSend(super().build_middleware_stack())
 
 
 def create_app(
@@ -60,7 +68,9 @@ def create_app(
             await limiter.close()
 
     # No slash redirects: their Location is built from the Host header, which a client controls.
-    app = FastAPI(title="llmserve", version=__version__, lifespan=lifespan, redirect_slashes=False)
+    app = LLMServeApp(
+        title="llmserve", version=__version__, lifespan=lifespan, redirect_slashes=False
+    )
     collectors = CollectorRegistry(auto_describe=True)
     collectors.register(QueueCollector(registry))
     collectors.register(GpuCollector())

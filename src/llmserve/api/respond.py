@@ -21,6 +21,7 @@ from starlette.types import Message, Send
 
 from llmserve.api.admit import ticket_for
 from llmserve.api.errors import json_response
+from llmserve.api.server_send import server_send
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import RemoteModel
@@ -101,7 +102,8 @@ async def respond(
                 response = json_response(200, full_response(generation, result), run.headers)
                 await response(request.scope, request.receive, send)
             else:
-                await _stream(send, run, encoder, keepalive_s, opened)
+                body_send = server_send(request.scope, send)
+                await _stream(send, body_send, run, encoder, keepalive_s, opened)
     finally:
         await run.close()
     if watch.gone and not opened.yes:
@@ -115,8 +117,15 @@ class _Opened:
 
 
 async def _stream(
-    send: Send, run: RequestRun, encoder: StreamEncoder, keepalive_s: float, opened: _Opened
+    send: Send,
+    body_send: Send,
+    run: RequestRun,
+    encoder: StreamEncoder,
+    keepalive_s: float,
+    opened: _Opened,
 ) -> None:
+    """The start goes through ``send`` (every middleware sees it), the body through
+    ``body_send``, the server's own (``api.server_send``)."""
     start: Message = {
         "type": "http.response.start",
         "status": 200,
@@ -131,7 +140,7 @@ async def _stream(
     except LLMServeError as exc:
         if not await keepalive.stop():
             raise  # nothing sent yet: the error handlers answer with the error's own status
-        await _end(send, encoder.error(exc))
+        await _end(body_send, encoder.error(exc))
         return
     except BaseException:
         await keepalive.stop()
@@ -147,15 +156,15 @@ async def _stream(
         held: list[bytes] = []
         try:
             if first is not None:
-                await _body(send, encoder.encode(first), held, first)
+                await _body(body_send, encoder.encode(first), held, first)
                 async for event in run.events:
-                    await _body(send, encoder.encode(event), held, event)
-            await _end(send, held + encoder.end())
+                    await _body(body_send, encoder.encode(event), held, event)
+            await _end(body_send, held + encoder.end())
         except LLMServeError as exc:
-            await _end(send, held + encoder.error(exc))
+            await _end(body_send, held + encoder.error(exc))
         except Exception:
             log.exception("a stream failed after it started")
-            await _end(send, held + encoder.error(LLMServeError("internal server error")))
+            await _end(body_send, held + encoder.error(LLMServeError("internal server error")))
 
 
 async def _body(send: Send, frames: list[bytes], held: list[bytes], event: EngineEvent) -> None:
