@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmserve.config import HealthConfig, RoutingConfig
 from llmserve.engines.base import Engine, PromptCodec
@@ -44,6 +44,17 @@ _KINDS = {
 _NOT_EJECTING = frozenset({"upstream_overloaded"})
 
 
+@dataclass(slots=True)
+class _Ejection:
+    """One replica's side of passive health, beside the balancer's (pure) state: ejections in a
+    row, until when it stays out, and the event that wakes its health-check loop early. A
+    replica whose /health passes while its requests fail is kept out longer each time."""
+
+    count: int = 0
+    out_until: float = 0.0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaStatus:
     label: str
@@ -70,11 +81,7 @@ class ReplicatedEngine:
         self._running: dict[str, int] = {}  # request id → replica index
         self._aborted: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
-        # Passive ejections in a row of each replica, and until when it stays out: a replica
-        # whose /health passes while its requests fail is kept out longer each time.
-        self._ejections = [0] * len(self._replicas)
-        self._out_until = [0.0] * len(self._replicas)
-        self._wake = [asyncio.Event() for _ in self._replicas]
+        self._ejections = [_Ejection() for _ in self._replicas]
 
     @property
     def codec(self) -> PromptCodec:
@@ -135,7 +142,7 @@ class ReplicatedEngine:
                         started = True
                         yield event
                     self._balancer.succeeded(index)
-                    self._ejections[index] = 0
+                    self._ejections[index].count = 0
                     return
                 except _RETRYABLE as exc:
                     if request.request_id in self._aborted:
@@ -184,15 +191,16 @@ class ReplicatedEngine:
             if replica.failures >= self._health.eject_after_failures:
                 # Kept in only as the last one in: check it now, so a replica that is really
                 # down goes out within a round trip.
-                self._wake[index].set()
+                self._ejections[index].wake.set()
             return
-        self._ejections[index] += 1
+        ejection = self._ejections[index]
+        ejection.count += 1
         hold = min(
-            self._health.probe_interval_s * 2 ** (self._ejections[index] - 1),
+            self._health.probe_interval_s * 2 ** (ejection.count - 1),
             self._health.max_ejection_s,
         )
-        self._out_until[index] = asyncio.get_running_loop().time() + hold
-        self._wake[index].set()
+        ejection.out_until = asyncio.get_running_loop().time() + hold
+        ejection.wake.set()
         log.warning(
             "model %s: replica %s taken out after a failed request (%s); probing it again in %g s",
             self._model,
@@ -216,9 +224,10 @@ class ReplicatedEngine:
         ejection time, when a failed request took it out)."""
         loop = asyncio.get_running_loop()
         replica = self._balancer.replicas[index]
+        ejection = self._ejections[index]
         while True:
-            self._wake[index].clear()  # before reading the state: a later ejection wakes us
-            hold = self._out_until[index] - loop.time()
+            ejection.wake.clear()  # before reading the state: a later ejection wakes us
+            hold = ejection.out_until - loop.time()
             if hold > 0:
                 await self._sleep(index, hold)
                 continue
@@ -242,7 +251,7 @@ class ReplicatedEngine:
         # that arrives as the wait ends, and close() would then wait for this loop forever.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._wake[index].wait()
+                await self._ejections[index].wake.wait()
 
     async def _check(self, index: int) -> bool:
         try:
