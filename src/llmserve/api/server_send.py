@@ -25,9 +25,8 @@ class KeepServerSend:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        # Every scope type alike: only the generation routes read it, and the key is gone
+        # again when the call ends.
         scope[_KEY] = send
         try:
             await self.app(scope, receive, send)
