@@ -17,15 +17,15 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from llmserve.config import ManagedModel, Settings, VllmModel
+from llmserve.config import Settings, VllmModel
 from llmserve.engines.vllm_engine import VllmEngine
 from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
+from tests.engine.served import SERVED, served_model, vllm_serve_metric
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "smollm2-135m-instruct"
-SERVED = "smollm2-served"  # the same model behind a managed `vllm serve`
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # An aborted 2000-token request must be gone within this; left to run, it takes ~120 s.
 IDLE_WITHIN_S = 60
@@ -36,14 +36,7 @@ async def vllm_server() -> AsyncIterator[RunningServer]:
     settings = Settings(
         models=[
             VllmModel(engine_args={"max_model_len": 2048}),
-            ManagedModel(
-                engine="managed",
-                name=SERVED,
-                # Longer than the in-process engine's: a stream abandoned by a test must
-                # still be running, minutes later, on a starved runner.
-                args=("--max-model-len", "8192"),
-                startup_timeout_s=400,
-            ),
+            served_model(),
         ]
     )
     async with serve(settings) as running:
@@ -258,29 +251,6 @@ async def test_metrics_show_vllm_and_llmserve_series(vllm_server: RunningServer)
 # ---------------------------------------------------------------------------------------------
 
 
-def served_port(server: RunningServer) -> int:
-    from llmserve.engines.managed import ManagedServer
-    from llmserve.routing.replicated import ReplicatedEngine
-
-    replicated = server.models.get(SERVED)
-    assert isinstance(replicated, ReplicatedEngine)
-    (replica,) = replicated.replicas
-    assert isinstance(replica, ManagedServer)
-    return replica.port
-
-
-async def vllm_serve_metric(server: RunningServer, name: str) -> float:
-    """A counter or gauge summed over its series, read from the `vllm serve` process itself."""
-    port = served_port(server)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        text = (await http.get("/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
-
-
 async def test_requests_are_routed_by_model_name_to_each_engine(
     vllm_server: RunningServer,
 ) -> None:
@@ -300,40 +270,3 @@ async def test_requests_are_routed_by_model_name_to_each_engine(
     assert engine(vllm_server).unfinished_requests() == local_before == 0
     listed = {m.id for m in (await api.models.list()).data}
     assert {MODEL, SERVED} <= listed
-
-
-async def test_streams_through_vllm_serve_and_a_disconnect_aborts_there(
-    vllm_server: RunningServer,
-) -> None:
-    """A client that hangs up mid-stream gets its request aborted in `vllm serve`: the request
-    stops running long before the 4,000 tokens it asked for (about four minutes here), and vLLM
-    never counts it finished (it counts only requests that end by themselves, not aborts).
-
-    Bounds are generous and nothing is sampled while the stream runs: with two vLLM engines on
-    a two-core runner, this test process has been starved of CPU for up to ~100 s while `vllm
-    serve` generated (seen with an event-loop lag probe), so a check of "still running" raced
-    the request's end, and a 5 s bound for the abort was not always enough."""
-    generated = "vllm:generation_tokens_total"
-    finished = "vllm:request_success_total"
-    assert await vllm_serve_metric(vllm_server, "vllm:num_requests_running") == 0
-    tokens_before = await vllm_serve_metric(vllm_server, generated)
-    finished_before = await vllm_serve_metric(vllm_server, finished)
-    body = {"model": SERVED, "prompt": "Once upon a time", "max_tokens": 4000, "stream": True}
-    body["ignore_eos"] = True
-    async with (
-        httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http,
-        http.stream("POST", "/v1/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        seen = 0
-        async for line in response.aiter_lines():
-            seen += line.startswith("data:")
-            if seen >= 3:
-                break
-    deadline = time.monotonic() + 240
-    while await vllm_serve_metric(vllm_server, "vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"
-        await asyncio.sleep(0.2)
-    tokens = await vllm_serve_metric(vllm_server, generated) - tokens_before
-    assert 3 <= tokens < 4000, f"{tokens:g} tokens generated"
-    assert await vllm_serve_metric(vllm_server, finished) == finished_before, "it finished"

@@ -1,0 +1,44 @@
+"""A real `vllm serve` managed by the gateway (the embedded model behind it): its config, its
+port, and its own metrics, for the engine test modules that run one."""
+
+from __future__ import annotations
+
+import httpx
+
+from llmserve.config import ManagedModel
+from llmserve.engines.managed import ManagedServer
+from llmserve.routing.replicated import ReplicatedEngine
+from tests.conftest import RunningServer
+
+SERVED = "smollm2-served"
+
+
+def served_model() -> ManagedModel:
+    return ManagedModel(
+        engine="managed",
+        name=SERVED,
+        # Long enough for a 4,000-token request: a stream abandoned by a test must still be
+        # running, minutes later, on a starved runner, unless the gateway aborts it.
+        args=("--max-model-len", "8192"),
+        startup_timeout_s=400,
+    )
+
+
+def served_port(server: RunningServer) -> int:
+    replicated = server.models.get(SERVED)
+    assert isinstance(replicated, ReplicatedEngine)
+    (replica,) = replicated.replicas
+    assert isinstance(replica, ManagedServer)
+    return replica.port
+
+
+async def vllm_serve_metric(server: RunningServer, name: str) -> float:
+    """A counter or gauge summed over its series, read from the `vllm serve` process itself."""
+    port = served_port(server)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        text = (await http.get("/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
