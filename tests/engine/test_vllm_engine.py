@@ -1,6 +1,8 @@
 """The real vLLM CPU engine with the embedded model, through the official openai client.
 
-One engine is loaded for the whole module (≈35 s on 2 cores); every test shares its event loop.
+The in-process engine and a managed `vllm serve` (for the routing test) are loaded once for the
+whole module (≈35 s on 2 cores); every test shares its event loop. The `vllm serve` disconnect
+test has its own module (test_vllm_serve.py says why).
 """
 
 from __future__ import annotations
