@@ -23,6 +23,7 @@ from llmserve.config import Settings, VllmModel
 from llmserve.engines.vllm_engine import VllmEngine
 from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
+from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
@@ -210,20 +211,11 @@ async def test_disconnect_mid_stream_aborts_the_vllm_request(vllm_server: Runnin
         "stream": True,
         "ignore_eos": True,
     }
-    async with (
-        httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http,
-        http.stream("POST", "/v1/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        seen = 0
-        async for line in response.aiter_lines():
-            seen += line.startswith("data:")
-            if seen >= 3:
-                break
+    async with stream_then_hang_up(vllm_server.url, body):
         assert engine(vllm_server).unfinished_requests() == 1
     # 2000 tokens at ~17 tok/s take about two minutes: idle well before means it was aborted.
     # Not 5 s: this process has gone without CPU for tens of seconds while a vLLM engine
-    # generated on a two-core runner (see the `vllm serve` disconnect test below).
+    # generated on a two-core runner (see test_vllm_serve.py).
     assert await _wait_until_engine_idle(vllm_server, IDLE_WITHIN_S)
 
 

@@ -14,13 +14,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 import pytest_asyncio
 
 from llmserve.config import Settings
 from tests.conftest import RunningServer, serve
+from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
+from tests.routing.helpers import wait_ready
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -28,11 +29,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def served_gateway() -> AsyncIterator[RunningServer]:
     async with serve(Settings(models=[served_model()])) as running:
-        async with httpx.AsyncClient(base_url=running.url) as client:
-            deadline = time.monotonic() + 400
-            while (await client.get("/ready")).status_code != 200:
-                assert time.monotonic() < deadline, "`vllm serve` did not become ready"
-                await asyncio.sleep(0.5)
+        await wait_ready(running.url, within_s=400)
         yield running
 
 
@@ -52,16 +49,8 @@ async def test_streams_through_vllm_serve_and_a_disconnect_aborts_there(
     finished_before = await vllm_serve_metric(served_gateway, finished)
     body = {"model": SERVED, "prompt": "Once upon a time", "max_tokens": 4000, "stream": True}
     body["ignore_eos"] = True
-    async with (
-        httpx.AsyncClient(base_url=served_gateway.url, timeout=60) as http,
-        http.stream("POST", "/v1/completions", json=body) as response,
-    ):
-        assert response.status_code == 200
-        seen = 0
-        async for line in response.aiter_lines():
-            seen += line.startswith("data:")
-            if seen >= 3:
-                break
+    async with stream_then_hang_up(served_gateway.url, body):
+        pass  # three tokens in: the client hangs up
     deadline = time.monotonic() + 240
     while await vllm_serve_metric(served_gateway, "vllm:num_requests_running") > 0:
         assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"

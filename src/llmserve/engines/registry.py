@@ -120,16 +120,15 @@ class ModelRegistry:
             log.info("starting engine for model %s", name)
             await self._engines[name].start()
 
+        in_process = [n for n, c in self._configs.items() if isinstance(c, VllmModel)]
+
         async def in_process_in_turn() -> None:
-            loaded = False
-            for name, config in self._configs.items():
-                if isinstance(config, VllmModel):
-                    await one(name)
-                    loaded = True
-            if loaded:
+            for name in in_process:
+                await one(name)
+            if in_process:
                 _freeze_what_lives_on()
 
-        others = [one(n) for n, c in self._configs.items() if not isinstance(c, VllmModel)]
+        others = [one(n) for n in self._configs if n not in in_process]
         await asyncio.gather(in_process_in_turn(), *others)
 
     async def health(self) -> dict[str, bool]:
