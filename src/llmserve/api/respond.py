@@ -152,8 +152,7 @@ async def _stream(
     with contextlib.suppress(OSError):
         # Frames that end a choice or the stream (finish, usage) wait for the next text or the
         # end, so the tail of a stream leaves in one write, not three: each write to a socket
-        # costs the gateway more than building its frame. So do tokens the engine says it
-        # already holds the next event for (``TextDelta.more_follows``).
+        # costs the gateway more than building its frame.
         held: list[bytes] = []
         try:
             if first is not None:
@@ -169,7 +168,7 @@ async def _stream(
 
 
 async def _body(send: Send, frames: list[bytes], held: list[bytes], event: EngineEvent) -> None:
-    if not isinstance(event, TextDelta) or event.more_follows:
+    if not isinstance(event, TextDelta):
         held += frames
     elif frames:
         if held:

@@ -32,9 +32,6 @@ class TextDelta:
     text: str
     num_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
-    # The engine already holds the next event (they arrived together): a stream may hold this
-    # one back and send both in one write. Only a hint; the text is the same either way.
-    more_follows: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,8 +150,6 @@ class UpstreamEngine:
                     continue  # nothing is expected after [DONE] but the end of the body
                 lines = (buffered + data).split(b"\n")
                 buffered = lines.pop()  # an incomplete last line waits for more bytes
-                arrived: list[EngineEvent] = []
-                failure: LLMServeError | None = None
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue  # blank separators, comments (keep-alives), event names
@@ -164,23 +162,17 @@ class UpstreamEngine:
                         silence.end_soon(loop.time() + _AFTER_DONE_S)
                         break
                     try:
-                        arrived += _chunk_events(
-                            _loads(payload), chat, request.sampling.n, self._secret
-                        )
-                    except LLMServeError as exc:
-                        failure = exc  # what came before it in this read still goes out
-                        break
-                if arrived:
-                    # Comments and blank lines do not move the deadline: an upstream that
-                    # only sends keep-alives still times out.
-                    silence.move(loop.time() + between)
-                    started = True
-                    if len(arrived) > 1:
-                        _mark_arrived_together(arrived)
-                    for event in arrived:
+                        chunk = orjson.loads(payload)
+                    except orjson.JSONDecodeError as exc:
+                        raise EngineFailure(
+                            "the upstream engine sent a malformed event", code="upstream_malformed"
+                        ) from exc
+                    for event in _chunk_events(chunk, chat, request.sampling.n, self._secret):
+                        # Comments and blank lines do not move the deadline: an upstream that
+                        # only sends keep-alives still times out.
+                        silence.move(loop.time() + between)
+                        started = True
                         yield event
-                if failure is not None:
-                    raise failure
             if not done:
                 raise EngineFailure(
                     "the upstream stream ended without [DONE]", code="upstream_broken_stream"
@@ -323,24 +315,6 @@ def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     """Close the upstream stream and wake a reader blocked on it (closing alone does not)."""
     response.content.set_exception(exc)
     response.close()
-
-
-def _loads(payload: bytes) -> Any:
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise EngineFailure(
-            "the upstream engine sent a malformed event", code="upstream_malformed"
-        ) from exc
-
-
-def _mark_arrived_together(events: list[EngineEvent]) -> None:
-    """Tokens that came in one read are flagged, all but the last, so the response sends them
-    in one write, as a byte relay would. A gateway that falls behind (its upstream's events
-    queue up in the socket) then spends less per token instead of falling further behind."""
-    for event in events[:-1]:
-        if type(event) is TextDelta:
-            event.more_follows = True
 
 
 def _chunk_events(chunk: Any, chat: bool, n: int, secret: str | None) -> list[EngineEvent]:
