@@ -9,6 +9,7 @@ from llmserve.config import ManagedModel
 from llmserve.engines.managed import ManagedServer
 from llmserve.routing.replicated import ReplicatedEngine
 from tests.conftest import RunningServer
+from tests.observability.helpers import Scrape
 
 SERVED = "smollm2-served"
 
@@ -36,9 +37,4 @@ async def vllm_serve_metric(server: RunningServer, name: str) -> float:
     """A counter or gauge summed over its series, read from the `vllm serve` process itself."""
     port = served_port(server)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-        text = (await http.get("/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
+        return Scrape.parse((await http.get("/metrics")).text).value(name)
