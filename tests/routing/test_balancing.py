@@ -85,8 +85,12 @@ async def test_a_replica_with_more_outstanding_requests_gets_fewer_new_ones() ->
 
 
 # Affinity keys per test: odd, and the second round runs them in reverse, so that a policy
-# that ignored the key and alternated between the replicas would move every key.
-KEYS = 13
+# that ignored the key and alternated between the replicas would move every key. Enough of them
+# that a correct hash does not put them all on one replica by chance, which the tests also check:
+# each key lands on either replica with p = 1/2 (the labels are random ports), so the chance is
+# 2^(1 - KEYS). At 13 keys that is 1 in 4,096 per test, and a fresh-clone `make test` met it
+# once; at 25, 1 in 16 million.
+KEYS = 25
 
 
 def two_rounds() -> list[tuple[int, int]]:
