@@ -61,6 +61,14 @@ class VllmModel(_Model):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     # CPU builds of vLLM reserve this much host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
+    # The `vllm serve` knobs of vLLM's OpenAI layer, with their flags' meaning. None for the
+    # embedded default means its own choice: SmolLM2 with vLLM's xlam tool parser.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool | None = None
+    reasoning_parser: str | None = None
+    # A Jinja template, or a path to one, instead of the model's own.
+    chat_template: str | None = None
+    default_chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class RoutingConfig(_Strict):

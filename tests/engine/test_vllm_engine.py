@@ -264,3 +264,156 @@ async def test_requests_are_routed_by_model_name_to_each_engine(
     assert engine(vllm_server).unfinished_requests() == local_before == 0
     listed = {m.id for m in (await api.models.list()).data}
     assert {MODEL, SERVED} <= listed
+
+
+# --- vLLM's OpenAI layer in process: the fields vLLM serves reach it with vLLM's meaning ---
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+async def test_json_schema_output_validates(vllm_server: RunningServer) -> None:
+    import json
+
+    import jsonschema
+
+    reply = await client(vllm_server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe Ann, aged 30, as JSON."}],
+        max_tokens=80,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA},
+        },
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), PERSON_SCHEMA)
+
+
+async def test_sdk_parse_gives_the_pydantic_object(vllm_server: RunningServer) -> None:
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    reply = await client(vllm_server).chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe Ann, aged 30."}],
+        max_tokens=80,
+        temperature=0,
+        response_format=Person,
+    )
+    assert isinstance(reply.choices[0].message.parsed, Person)
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+async def test_tool_choice_gives_a_valid_call_streamed_or_not(
+    vllm_server: RunningServer, tool_choice: Any
+) -> None:
+    import json
+
+    api = client(vllm_server)
+    options: dict[str, Any] = dict(
+        model=MODEL,
+        messages=WEATHER_QUESTION,
+        tools=[WEATHER_TOOL],
+        tool_choice=tool_choice,
+        max_tokens=60,
+        temperature=0,
+    )
+    whole = await api.chat.completions.create(**options)
+    calls = whole.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    arguments = json.loads(calls[0].function.arguments)
+    assert isinstance(arguments["city"], str)
+    name, streamed = "", ""
+    async for chunk in await api.chat.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                name += (call.function and call.function.name) or ""
+                streamed += (call.function and call.function.arguments) or ""
+    assert name == "get_weather"
+    assert json.loads(streamed) == arguments
+
+
+async def test_structured_outputs_choice_and_regex_hold(vllm_server: RunningServer) -> None:
+    api = client(vllm_server)
+    choice = await api.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        max_tokens=10,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}},
+    )
+    assert choice.choices[0].message.content in ("yes", "no")
+    regex = await api.completions.create(
+        model=MODEL,
+        prompt="A phone number: ",
+        max_tokens=20,
+        extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}},
+    )
+    import re
+
+    assert re.fullmatch(r"\d{3}-\d{4}", regex.choices[0].text)
+
+
+async def test_min_tokens_is_honoured(vllm_server: RunningServer) -> None:
+    reply = await client(vllm_server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say OK."}],
+        max_tokens=40,
+        temperature=0,
+        extra_body={"min_tokens": 30},
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens >= 30
+
+
+async def test_echo_with_logprobs_returns_the_prompt_tokens(vllm_server: RunningServer) -> None:
+    prompts = ["The capital of France is", "One two three"]
+    reply = await client(vllm_server).completions.create(
+        model=MODEL, prompt=prompts, max_tokens=3, echo=True, logprobs=1, temperature=0
+    )
+    assert len(reply.choices) == 2
+    for prompt, choice in zip(prompts, reply.choices, strict=True):
+        assert choice.text.startswith(prompt)
+        assert choice.logprobs is not None and choice.logprobs.token_logprobs
+        assert choice.logprobs.token_logprobs[0] is None  # the first token has no context
+        assert all(lp is not None for lp in choice.logprobs.token_logprobs[1:])
+    assert reply.usage is not None and reply.usage.completion_tokens == 6
+
+
+async def test_unknown_fields_and_beam_search_are_refused_by_name(
+    vllm_server: RunningServer,
+) -> None:
+    api = client(vllm_server)
+    with pytest.raises(openai.BadRequestError) as unknown:
+        await api.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=5, extra_body={"no_such_field": 1}
+        )
+    assert unknown.value.param == "no_such_field"
+    with pytest.raises(openai.BadRequestError) as beam:
+        await api.completions.create(
+            model=MODEL, prompt="hi", max_tokens=5, extra_body={"use_beam_search": True}
+        )
+    assert beam.value.param == "use_beam_search"
+    with pytest.raises(openai.BadRequestError) as too_many:
+        await api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**6)
+    assert too_many.value.param == "max_tokens"

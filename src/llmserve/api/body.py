@@ -14,11 +14,15 @@ from llmserve.errors import InvalidRequest
 M = TypeVar("M", bound=BaseModel)
 
 
-def parse_json(model: type[M], raw: bytes) -> M:
+def load_json(raw: bytes) -> object:
     try:
-        data = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("the request body is not valid JSON") from None
+
+
+def parse_json(model: type[M], raw: bytes) -> M:
+    data = load_json(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

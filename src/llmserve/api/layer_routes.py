@@ -1,0 +1,226 @@
+"""Chat and completions for in-process models, served by vLLM's own OpenAI layer.
+
+The body is vLLM's request type, so every field has `vllm serve`'s meaning (tools, structured
+outputs, echo, prompt logprobs, several prompts, token-id prompts, every sampling extra). A
+field vLLM would accept and ignore is refused with a 400 naming it, except the old ``guided_*``
+names, which vLLM 0.32 drops with a warning and so does llmserve (docs/api.md). llmserve's own
+bounds (``Limits``) apply on top; quota, queue, deadline and abort are the gate's
+(``serving.layer_gate``); the response is vLLM's, sent by llmserve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Send
+
+from llmserve.api.state import Gateway
+from llmserve.config import Limits
+from llmserve.engines import vllm_compat
+from llmserve.engines.gated_client import CURRENT_GATE
+from llmserve.errors import (
+    ClientDisconnected,
+    ContextLengthExceeded,
+    InvalidRequest,
+    LLMServeError,
+    ModelNotFound,
+)
+from llmserve.serving.layer_gate import LayerGate
+from llmserve.streaming.disconnect import DisconnectWatch
+from llmserve.validation.request import RequestKind
+
+log = logging.getLogger(__name__)
+
+# vLLM 0.32 logs and ignores these (structured_outputs replaced them); llmserve does the same.
+_REMOVED_BY_VLLM = frozenset(
+    {
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+        "guided_json_object",
+    }
+)
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class LayerRejected(LLMServeError):
+    """vLLM's own error response (its status, type and message), as an llmserve error."""
+
+    def __init__(self, status: int, message: str, error_type: str, param: str | None) -> None:
+        super().__init__(message, param=param)
+        self.status = status  # type: ignore[misc]
+        self.error_type = error_type  # type: ignore[misc]
+
+
+async def serve(
+    request: Request, send: Send, gw: Gateway, engine: Any, body: dict[str, Any], chat: bool
+) -> None:
+    schema = vllm_compat.chat_request() if chat else vllm_compat.completion_request()
+    wire = _parse(schema, body)
+    _check_limits(wire, gw.settings.limits, chat)
+    wire.request_id = os.urandom(16).hex()
+    kind: RequestKind = "chat" if chat else "completion"
+    prefix = "chatcmpl" if chat else "cmpl"
+    gate = LayerGate(
+        request,
+        gw,
+        wire.model,
+        kind,
+        f"{prefix}-{wire.request_id}",
+        int(getattr(wire, "priority", 0) or 0),
+        engine.abort,
+    )
+    token = CURRENT_GATE.set(gate)
+    opened = completed = False
+    result: Any = None
+    try:
+        with DisconnectWatch(request.receive) as watch:
+            result = await _create(engine.layer, wire, chat)
+            if gate.error is not None:
+                raise gate.error
+            if isinstance(result, vllm_compat.error_response()):
+                raise _rejected(result)
+            if isinstance(result, BaseModel):
+                completed = True
+                await gate.close(completed=True)
+                opened = True
+                response = Response(
+                    result.model_dump_json(), 200, gate.headers, media_type="application/json"
+                )
+                await response(request.scope, request.receive, send)
+            else:
+                await gate.open()  # 429 / 503 before the stream's first byte
+                first = await anext(result, None)
+                if gate.error is not None:
+                    raise gate.error
+                opened = True
+                await _stream(send, gate, first, result)
+                completed = gate.error is None
+    finally:
+        CURRENT_GATE.reset(token)
+        if isinstance(result, AsyncGenerator):
+            await result.aclose()
+        await gate.close(completed=completed)
+    if watch.gone and not opened:
+        raise ClientDisconnected("the client disconnected")
+
+
+async def _create(layer: Any, wire: Any, chat: bool) -> Any:
+    try:
+        if chat:
+            return await layer.openai_serving_chat.create_chat_completion(wire, None)
+        return await layer.openai_serving_completion.create_completion(wire, None)
+    except LLMServeError:
+        raise
+    except Exception as exc:  # vLLM raises some request errors instead of returning them
+        rejected = _rejected(vllm_compat.error_response_for(exc))
+        if rejected.status >= 500:
+            log.exception("vLLM failed on a request")
+        raise rejected from None
+
+
+async def _stream(send: Send, gate: LayerGate, first: str | None, rest: Any) -> None:
+    headers = [*_SSE_HEADERS, *((k.lower().encode(), v.encode()) for k, v in gate.headers.items())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    try:
+        if first is not None:
+            await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
+        async for frame in rest:
+            await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
+    except OSError:
+        return  # the connection broke: the same as a disconnect
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _parse(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+    names = set()
+    for name, field in schema.model_fields.items():
+        names.add(name)
+        if field.alias:
+            names.add(field.alias)
+    unknown = sorted(set(body) - names - _REMOVED_BY_VLLM)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field '{unknown[0][:64]}': not part of the API this model serves",
+            param=unknown[0][:64],
+            code="unknown_field",
+        )
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _check_limits(wire: Any, limits: Limits, chat: bool) -> None:
+    if getattr(wire, "use_beam_search", False):
+        raise InvalidRequest(
+            "beam search is not served: its cost has no bound the queue can see",
+            param="use_beam_search",
+        )
+    max_tokens = getattr(wire, "max_completion_tokens", None) or wire.max_tokens
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}", param="max_tokens")
+    if max_tokens is None:  # vLLM's default would be the whole rest of the context
+        if chat:
+            wire.max_completion_tokens = limits.default_max_tokens
+        else:
+            wire.max_tokens = limits.default_max_tokens
+    if (wire.n or 1) > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n}", param="n")
+    stop = wire.stop
+    sequences = [stop] if isinstance(stop, str) else list(stop or ())
+    if len(sequences) > limits.max_stop_sequences:
+        raise InvalidRequest(
+            f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop"
+        )
+    if any(len(s) > limits.max_stop_sequence_chars for s in sequences):
+        raise InvalidRequest(
+            f"each stop sequence must be at most {limits.max_stop_sequence_chars} characters",
+            param="stop",
+        )
+    param = "top_logprobs" if chat else "logprobs"
+    logprobs = wire.top_logprobs if chat else wire.logprobs
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise InvalidRequest(f"{param} must be at most {limits.max_logprobs}", param=param)
+    if chat and len(wire.messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} messages are allowed", param="messages"
+        )
+    prompt = None if chat else wire.prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and not isinstance(prompt[0], int)
+        and len(prompt) > limits.max_n
+    ):
+        raise InvalidRequest(f"at most {limits.max_n} prompts per request", param="prompt")
+
+
+def _rejected(error: Any) -> LLMServeError:
+    """vLLM's error response as llmserve's error, with OpenAI's types and codes."""
+    info = error.error
+    message, param = str(info.message), info.param
+    status = int(info.code) if 400 <= int(info.code) < 600 else 400
+    if status == 400:
+        if "maximum context length" in message:
+            return ContextLengthExceeded(message, param=param)
+        return InvalidRequest(message, param=param)
+    if status == 404:
+        return ModelNotFound(message, param=param)
+    return LayerRejected(
+        status, message, "server_error" if status >= 500 else str(info.type), param
+    )
