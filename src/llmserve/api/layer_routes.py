@@ -90,6 +90,8 @@ async def serve(
     try:
         with DisconnectWatch(request.receive) as watch:
             result = await _create(engine.layer, wire, chat)
+            if watch.gone:  # vLLM answered the cancellation with an error response of its own
+                raise ClientDisconnected("the client disconnected")
             if gate.error is not None:
                 raise gate.error
             if isinstance(result, vllm_compat.error_response()):
