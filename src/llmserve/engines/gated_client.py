@@ -10,6 +10,8 @@ import contextvars
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
+from llmserve.errors import EngineUnavailable
+
 EngineRequest = Callable[[], AsyncGenerator[Any, None]]
 
 
@@ -30,9 +32,10 @@ CURRENT_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar(
 class GatedEngineClient:
     """The AsyncLLM with llmserve's gate in front of ``generate``."""
 
-    def __init__(self, llm: Any, priority_policy: bool) -> None:
+    def __init__(self, llm: Any, priority_policy: bool, on_dead: Callable[[], None]) -> None:
         self._llm = llm
         self._priority_policy = priority_policy
+        self._on_dead = on_dead
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._llm, name)
@@ -45,12 +48,29 @@ class GatedEngineClient:
             kwargs.pop("priority", None)
 
         def start() -> AsyncGenerator[Any, None]:
-            return self._llm.generate(prompt, sampling_params, request_id, **kwargs)  # type: ignore[no-any-return]
+            return self._outputs(prompt, sampling_params, request_id, kwargs)
 
         gate = CURRENT_GATE.get()
         if gate is None:  # not one of llmserve's requests (vLLM's own warm-up, say)
             return start()
         return gate.enter(request_id, _prompt_tokens(prompt), sampling_params, start)
+
+    async def _outputs(
+        self, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            async for output in self._llm.generate(prompt, params, request_id, **kwargs):
+                yield output
+        except EngineDeadError as exc:
+            # The engine core died (killed, OOM, a GPU fault): replaced in the background.
+            self._on_dead()
+            raise EngineUnavailable(
+                "the inference engine stopped and is restarting; retry shortly",
+                code="engine_restarting",
+                headers={"Retry-After": "10"},
+            ) from exc
 
 
 def _prompt_tokens(prompt: Any) -> int:

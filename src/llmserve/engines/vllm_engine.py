@@ -116,7 +116,7 @@ class VllmEngine:
 
         args = vllm_compat.make_arg_parser().parse_args(self._server_flags(model_path))
         state = State()
-        client = GatedEngineClient(self._llm, self._priority_policy)
+        client = GatedEngineClient(self._llm, self._priority_policy, self._begin_restart)
         tasks = await self._llm.get_supported_tasks()
         await vllm_compat.init_app_state()(client, state, args, tasks)
         return state
@@ -236,6 +236,7 @@ class VllmEngine:
     async def _restart(self) -> None:
         log.error("the vLLM engine core of %s died; starting a new one", self._config.name)
         dead, self._llm = self._llm, None
+        self.layer = None  # requests get the 503 of a restarting engine until it is back
         if dead is not None:
             await asyncio.to_thread(dead.shutdown)
         backoff_s = 1.0

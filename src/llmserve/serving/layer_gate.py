@@ -143,6 +143,8 @@ class LayerGate:
                 yield output
             finished = not expired
         except BaseException as exc:
+            if isinstance(exc, LLMServeError):
+                self.error = exc  # vLLM would answer it as its own error: the route uses ours
             if self.record is not None:
                 self.record.ended(exc)
             raise
