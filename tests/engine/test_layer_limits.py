@@ -16,6 +16,7 @@ import pytest_asyncio
 from llmserve.config import VllmModel
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import RunningServer, serve
+from tests.routing.helpers import wait_ready
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -30,11 +31,7 @@ async def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     KEYS["single"] = add_key(path, "single", max_concurrent=1)
     settings = auth_settings(path, models=[VllmModel(engine_args={"max_model_len": 2048})])
     async with serve(settings) as running:
-        async with httpx.AsyncClient(base_url=running.url) as client:
-            deadline = time.monotonic() + 400
-            while (await client.get("/ready")).status_code != 200:
-                assert time.monotonic() < deadline, "the vLLM engine did not become ready"
-                await asyncio.sleep(0.5)
+        await wait_ready(running.url, within_s=400)
         yield running
 
 
