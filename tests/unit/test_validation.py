@@ -117,7 +117,7 @@ async def test_developer_role_is_mapped_to_system() -> None:
     assert "developer" not in req.prompt
 
 
-async def test_content_parts_are_joined_and_none_is_empty() -> None:
+async def test_content_parts_are_joined_with_newlines_as_vllm_does_and_none_is_empty() -> None:
     req = await chat(
         messages=[
             {
@@ -127,7 +127,8 @@ async def test_content_parts_are_joined_and_none_is_empty() -> None:
             {"role": "assistant", "content": None},
         ]
     )
-    assert req.messages == (ChatMessage("user", "Hello, world"), ChatMessage("assistant", ""))
+    # vLLM's chat renderer joins text parts with "\n": the same request, the same prompt.
+    assert req.messages == (ChatMessage("user", "Hello, \nworld"), ChatMessage("assistant", ""))
 
 
 async def test_generate_uses_given_model_and_sampling() -> None:

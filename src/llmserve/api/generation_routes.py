@@ -13,6 +13,7 @@ document describes them (``api.openapi``).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -80,7 +81,7 @@ async def _served_by_layer(
 
 def _openai(
     schema: type[OpenAIBody],
-    validate: Callable[[OpenAIBody, PromptCodec, Limits], Awaitable[GenerationRequest]],
+    validate: Callable[[OpenAIBody, PromptCodec, Limits, bool], Awaitable[GenerationRequest]],
 ) -> Prepare:
     """Chat or completions: the same steps, each with its own schema and validation."""
 
@@ -90,7 +91,11 @@ def _openai(
         authorize(request, body.model, name)
         if name != body.model:  # an alias: responses, limits and metrics use the model's name
             body = body.model_copy(update={"model": name})
-        generation = await validate(body, gw.models.get(name).codec, gw.settings.limits)
+        forwards = gw.models.forwards_body(name)
+        codec = gw.models.get(name).codec
+        generation = await validate(body, codec, gw.settings.limits, forwards)
+        if forwards:  # the upstream gets the client's own body: every field, as sent
+            generation = replace(generation, body=body.model_dump(exclude_unset=True))
         return generation, _openai_encoder(generation, body)
 
     return prepare

@@ -11,22 +11,27 @@ _SEED_MAX = 2**64 - 1
 
 
 class _Wire(BaseModel):
-    # Clients send many optional OpenAI fields we do not use; ignoring them is what vLLM does too.
-    model_config = ConfigDict(extra="ignore")
+    # Fields this schema does not name are kept (``model_extra``), never ignored: an engine
+    # that forwards the body (upstream) passes them on, the others refuse them with a 400
+    # naming the field (``validation.validate``).
+    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(_Wire):
     include_usage: bool = False
 
 
-class TextPart(_Wire):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Wire):
+    """One part of a message's content: text here; images, audio, files for the engines that
+    take them (their fields are extras)."""
+
+    type: str = Field(max_length=64)
+    text: str | None = None
 
 
 class WireMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=256)
 
 
@@ -69,8 +74,10 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class GenerateRequest(_Wire):
+class GenerateRequest(BaseModel):
     """The simple streaming endpoint of the original design: prompt in, one event per token out."""
+
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str
     max_tokens: int | None = Field(default=None, ge=1)

@@ -95,6 +95,11 @@ class ModelRegistry:
     def config(self, name: str) -> ModelConfig:
         return self._configs[self.canonical(name)]
 
+    def forwards_body(self, name: str) -> bool:
+        """Whether the model's engine takes the client's body whole (an OpenAI server behind
+        llmserve), so fields llmserve does not model are passed on, not refused."""
+        return isinstance(self.config(name), (UpstreamModel, ManagedModel))
+
     def replicas(self, name: str) -> list[ReplicaStatus] | None:
         """Per-replica health and load of a replicated model; None for a single engine."""
         engine = self.get(name)

@@ -20,10 +20,10 @@ from llmserve.config import ManagedModel, UpstreamModel
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
+    Passthrough,
     TextDelta,
     TokenLogprob,
     UsageReport,
-    finish_reason,
 )
 from llmserve.errors import (
     EngineFailure,
@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 _BYTES_PER_TOKEN = 4
 # After [DONE], how long the end of the body may take before the connection is just closed.
 _AFTER_DONE_S = 1.0
+# What llmserve itself reads of an upstream chunk; everything else is relayed (``Passthrough``).
+_CHUNK_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_CHOICE_OWN = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
+_DELTA_OWN = frozenset({"role", "content"})
+_USAGE_OWN = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+# Fields of the client's body that are llmserve's, not the upstream's: the queue honours the
+# priority (vLLM refuses one unless started with priority scheduling); the stream is llmserve's.
+_NOT_FORWARDED = ("priority", "stream", "stream_options")
 
 
 class EstimatingCodec:
@@ -209,6 +217,15 @@ class UpstreamEngine:
             return await self._client().post(path, json=body, headers=headers)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        if request.body is not None:
+            # The client's own request, every field as sent: the upstream gives each one its
+            # meaning (tools, response_format, min_tokens, content parts, chat_template_kwargs,
+            # ...). Only the model name and the streaming llmserve reads are set here.
+            sent = {k: v for k, v in request.body.items() if k not in _NOT_FORWARDED}
+            sent["model"] = self._model
+            sent["stream"] = True
+            sent["stream_options"] = {"include_usage": True}
+            return sent
         s = request.sampling
         body: dict[str, Any] = {
             "model": self._model,
@@ -340,24 +357,44 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
         message = _redact(str(message), secret)
         raise EngineFailure(f"the upstream engine failed: {message}", code="upstream_error")
     events: list[EngineEvent] = []
+    on_chunk = _extra(chunk, _CHUNK_OWN)
     for choice in chunk.get("choices") or ():
         index = int(choice.get("index", 0))
         if not 0 <= index < n:
             raise ValueError(f"choice index {index} outside 0..{n - 1}")
-        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+        delta = (choice.get("delta") or {}) if chat else {}
+        text = delta.get("content") if chat else choice.get("text")
         raw_logprobs = choice.get("logprobs")
         logprobs = _parse_logprobs(raw_logprobs, chat) if raw_logprobs else None
-        if text:
-            events.append(TextDelta(index, text, len(logprobs) if logprobs else 1, logprobs))
-        if choice.get("finish_reason"):
-            events.append(ChoiceFinished(index, finish_reason(choice["finish_reason"])))
+        reason = choice.get("finish_reason")
+        # Nulls are dropped from token chunks (vLLM sends several on each), kept on the last.
+        on_choice = _extra(choice, _CHOICE_OWN, keep_nulls=bool(reason))
+        on_delta = _extra(delta, _DELTA_OWN) if chat else None
+        if text or on_delta or (on_choice and not reason):
+            fields = None
+            if on_delta or on_chunk or (on_choice and not reason):
+                fields = Passthrough(on_delta, None if reason else on_choice, on_chunk)
+                on_chunk = None  # once per chunk
+            count = len(logprobs) if logprobs else 1
+            events.append(TextDelta(index, text or "", count, logprobs, fields))
+        if reason:
+            fields = Passthrough(None, on_choice, on_chunk) if on_choice or on_chunk else None
+            on_chunk = None
+            events.append(ChoiceFinished(index, str(reason), fields))
     usage = chunk.get("usage")
     if usage:
         prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
         if prompt < 0 or completion < 0:
             raise ValueError("negative token counts")
-        events.append(UsageReport(prompt, completion))
+        events.append(UsageReport(prompt, completion, _extra(usage, _USAGE_OWN)))
     return events
+
+
+def _extra(
+    part: dict[str, Any], own: frozenset[str], keep_nulls: bool = False
+) -> dict[str, Any] | None:
+    extra = {k: v for k, v in part.items() if k not in own and (keep_nulls or v is not None)}
+    return extra or None
 
 
 def _parse_logprobs(raw: Any, chat: bool) -> tuple[TokenLogprob, ...]:

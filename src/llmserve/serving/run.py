@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
@@ -20,9 +20,11 @@ from llmserve.engines.base import Engine
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
+    Passthrough,
     TextDelta,
     TokenLogprob,
     UsageReport,
+    merge_fields,
 )
 from llmserve.errors import EngineTimeout, LLMServeError
 from llmserve.scheduling.admission import Admission, Ticket
@@ -135,6 +137,9 @@ class ChoiceResult:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    # An upstream's fields beyond text (``Passthrough``), accumulated over the stream.
+    message: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -144,6 +149,8 @@ class Collected:
     choices: list[ChoiceResult]
     prompt_tokens: int
     completion_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    usage_details: dict[str, Any] = field(default_factory=dict)
 
 
 async def collect(events: AsyncIterator[EngineEvent], request: GenerationRequest) -> Collected:
@@ -157,11 +164,26 @@ async def collect(events: AsyncIterator[EngineEvent], request: GenerationRequest
             if event.logprobs:
                 choice.logprobs.extend(event.logprobs)
             counted += event.num_tokens
+            if event.fields is not None:
+                _gather(result, choice, event.fields)
         elif isinstance(event, ChoiceFinished):
             result.choices[event.index].finish_reason = event.reason
+            if event.fields is not None:
+                _gather(result, result.choices[event.index], event.fields)
         else:
             usage = event
+            if event.details:
+                merge_fields(result.usage_details, event.details)
     result.completion_tokens = usage.completion_tokens if usage else counted
     if usage is not None:
         result.prompt_tokens = usage.prompt_tokens
     return result
+
+
+def _gather(result: Collected, choice: ChoiceResult, fields: Passthrough) -> None:
+    if fields.delta:
+        merge_fields(choice.message, fields.delta)
+    if fields.choice:
+        merge_fields(choice.extra, fields.choice)
+    if fields.chunk:
+        merge_fields(result.extra, fields.chunk)

@@ -35,19 +35,23 @@ class OpenAIStreamEncoder:
         if isinstance(event, UsageReport):
             if not self._include_usage:
                 return []
-            return [sse.data(self._formatter.usage(event.prompt_tokens, event.completion_tokens))]
+            usage = self._formatter.usage(
+                event.prompt_tokens, event.completion_tokens, event.details
+            )
+            return [sse.data(usage)]
         frames = []
         if self._chat and event.index not in self._opened:
             self._opened.add(event.index)
             frames.append(sse.data(self._formatter.role(event.index)))
         if isinstance(event, TextDelta):
-            if event.logprobs is None:
+            if event.logprobs is None and event.fields is None:
                 frames.append(self._formatter.text_frame(event.index, event.text))
             else:
-                chunk = self._formatter.text(event.index, event.text, event.logprobs)
+                chunk = self._formatter.text(event.index, event.text, event.logprobs, event.fields)
                 frames.append(sse.data(chunk))
         else:
-            frames.append(sse.data(self._formatter.finish(event.index, event.reason)))
+            chunk = self._formatter.finish(event.index, event.reason, event.fields)
+            frames.append(sse.data(chunk))
         return frames
 
     def end(self) -> list[bytes]:

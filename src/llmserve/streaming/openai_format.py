@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from llmserve.engines.events import TokenLogprob
+from llmserve.engines.events import Passthrough, TokenLogprob, finished_tool_calls
 from llmserve.serving.run import Collected
 from llmserve.validation.request import GenerationRequest
 
@@ -49,10 +49,12 @@ class ChunkFormatter:
             parts = self._text_parts[index] = (b"data: " + prefix, suffix + b"\n\n")
         return parts[0] + orjson.dumps(text) + parts[1]
 
-    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+    def _chunk(self, choice: dict[str, Any], fields: Passthrough | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {**self._base, "choices": [choice]}
         if self._include_usage:
             chunk["usage"] = None
+        if fields is not None and fields.chunk:
+            chunk.update(fields.chunk)
         return chunk
 
     def role(self, index: int) -> dict[str, Any]:
@@ -63,36 +65,50 @@ class ChunkFormatter:
         )
 
     def text(
-        self, index: int, text: str, logprobs: Iterable[TokenLogprob] | None
+        self,
+        index: int,
+        text: str,
+        logprobs: Iterable[TokenLogprob] | None,
+        fields: Passthrough | None = None,
     ) -> dict[str, Any]:
         if self._chat:
             formatted = chat_logprobs(logprobs) if logprobs is not None else None
-            return self._chunk(
-                {
-                    "index": index,
-                    "delta": {"content": text},
-                    "logprobs": formatted,
-                    "finish_reason": None,
-                }
-            )
+            # A delta of only tool calls (or reasoning) has no content, as upstream sent it.
+            delta: dict[str, Any] = {"content": text} if text or not fields else {}
+            choice = {"index": index, "delta": delta, "logprobs": formatted, "finish_reason": None}
+            return self._chunk(_with(choice, fields), fields)
         formatted = None
         if logprobs is not None:
             formatted = completion_logprobs(logprobs, self._offsets[index])
         self._offsets[index] += len(text)
-        return self._chunk(
-            {"index": index, "text": text, "logprobs": formatted, "finish_reason": None}
-        )
+        choice = {"index": index, "text": text, "logprobs": formatted, "finish_reason": None}
+        return self._chunk(_with(choice, fields), fields)
 
-    def finish(self, index: int, reason: str) -> dict[str, Any]:
+    def finish(self, index: int, reason: str, fields: Passthrough | None = None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": reason}
         if self._chat:
             choice["delta"] = {}
         else:
             choice["text"] = ""
-        return self._chunk(choice)
+        return self._chunk(_with(choice, fields), fields)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+    def usage(
+        self, prompt_tokens: int, completion_tokens: int, details: Any = None
+    ) -> dict[str, Any]:
+        counts: dict[str, Any] = usage(prompt_tokens, completion_tokens)
+        if details:
+            counts.update(details)
+        return {**self._base, "choices": [], "usage": counts}
+
+
+def _with(choice: dict[str, Any], fields: Passthrough | None) -> dict[str, Any]:
+    """A choice with an upstream's own fields added: those of its delta and its own."""
+    if fields is not None:
+        if fields.delta and "delta" in choice:
+            choice["delta"].update(fields.delta)
+        if fields.choice:
+            choice.update(fields.choice)
+    return choice
 
 
 def full_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
@@ -110,17 +126,27 @@ def full_response(request: GenerationRequest, result: Collected) -> dict[str, An
             "finish_reason": choice.finish_reason,
         }
         if chat:
-            entry["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            message.update(choice.message)
+            if "tool_calls" in message:
+                message["tool_calls"] = finished_tool_calls(message["tool_calls"])
+                if not text:
+                    message["content"] = None  # OpenAI's: only tool calls, no text
+            entry["message"] = message
         else:
             entry["text"] = text
+        entry.update(choice.extra)
         choices.append(entry)
+    counts: dict[str, Any] = usage(result.prompt_tokens, result.completion_tokens)
+    counts.update(result.usage_details)
     return {
         "id": request.request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": request.model,
         "choices": choices,
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
+        "usage": counts,
+        **result.extra,
     }
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 RequestKind = Literal["chat", "completion", "generate"]
 
@@ -52,3 +53,6 @@ class GenerationRequest:
     trace_headers: tuple[tuple[str, str], ...] = ()
     # Requests of one session go to the same replica under session affinity routing.
     session: str | None = None
+    # The client's body as sent (the model's own name in "model"), for an engine that forwards
+    # it whole (upstream and managed ``vllm serve``): every field keeps the upstream's meaning.
+    body: Mapping[str, Any] | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+from pydantic import BaseModel
+
 from llmserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,10 +38,15 @@ def new_request_id(kind: RequestKind) -> str:
 
 
 async def validate_chat(
-    wire: ChatCompletionRequest, codec: PromptCodec, limits: Limits
+    wire: ChatCompletionRequest, codec: PromptCodec, limits: Limits, forwards: bool = False
 ) -> GenerationRequest:
-    if wire.tools:
-        raise InvalidRequest("tool calling is not supported by this server", param="tools")
+    """``forwards``: the engine takes the client's body whole and gives every field its own
+    meaning (an upstream OpenAI server); otherwise only what llmserve models is served, and
+    anything else is refused with a 400 naming it."""
+    if not forwards:
+        _refuse_unmodelled(wire)
+        if wire.tools:
+            raise InvalidRequest("tool calling is not supported by this model", param="tools")
     if len(wire.messages) > limits.max_messages:
         raise InvalidRequest(
             f"at most {limits.max_messages} messages are allowed", param="messages"
@@ -53,17 +60,28 @@ async def validate_chat(
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     max_tokens = wire.max_completion_tokens or wire.max_tokens
     return await _build(
-        wire, "chat", prompt, codec, limits, max_tokens, logprobs, "top_logprobs", messages
+        wire,
+        "chat",
+        prompt,
+        codec,
+        limits,
+        max_tokens,
+        logprobs,
+        "top_logprobs",
+        messages,
+        forwards,
     )
 
 
 async def validate_completion(
-    wire: CompletionRequest, codec: PromptCodec, limits: Limits
+    wire: CompletionRequest, codec: PromptCodec, limits: Limits, forwards: bool = False
 ) -> GenerationRequest:
-    if wire.echo:
-        raise InvalidRequest("echo is not supported by this server", param="echo")
-    if wire.suffix:
-        raise InvalidRequest("suffix is not supported by this server", param="suffix")
+    if not forwards:
+        _refuse_unmodelled(wire)
+        if wire.echo:
+            raise InvalidRequest("echo is not supported by this model", param="echo")
+        if wire.suffix:
+            raise InvalidRequest("suffix is not supported by this model", param="suffix")
     prompt = wire.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -73,7 +91,15 @@ async def validate_completion(
             )
         prompt = prompt[0]
     return await _build(
-        wire, "completion", prompt, codec, limits, wire.max_tokens, wire.logprobs, "logprobs"
+        wire,
+        "completion",
+        prompt,
+        codec,
+        limits,
+        wire.max_tokens,
+        wire.logprobs,
+        "logprobs",
+        forwards=forwards,
     )
 
 
@@ -101,8 +127,10 @@ async def _build(
     logprobs: int | None,
     logprobs_param: str,
     messages: tuple[ChatMessage, ...] | None = None,
+    forwards: bool = False,
 ) -> GenerationRequest:
-    _check_unsupported(wire)
+    if not forwards:
+        _check_unsupported(wire)
     stop = _stop_sequences(wire.stop, limits)
     if wire.n > limits.max_n:
         raise InvalidRequest(f"n must be at most {limits.max_n}", param="n")
@@ -154,9 +182,45 @@ def _chat_message(message: WireMessage) -> ChatMessage:
     elif isinstance(content, str):
         text = content
     else:
-        text = "".join(part.text for part in content)
+        # vLLM joins a message's text parts with newlines; the prompt must be the same.
+        text = "\n".join(p.text for p in content if p.type == "text" and p.text is not None)
     role = "system" if message.role == "developer" else message.role
     return ChatMessage(role=role, content=text)
+
+
+def _refuse_unmodelled(wire: ChatCompletionRequest | CompletionRequest) -> None:
+    """A field llmserve's own engines would not honour is refused, never ignored."""
+    found = _first_unmodelled(wire)
+    if found is not None:
+        param, what, code = found
+        raise InvalidRequest(f"{what} is not served by this model", param=param, code=code)
+
+
+def _first_unmodelled(
+    wire: ChatCompletionRequest | CompletionRequest,
+) -> tuple[str, str, str] | None:
+    """(param, what, code) of the first part of the body that this schema does not model."""
+
+    def extra(model: BaseModel, where: str) -> tuple[str, str, str] | None:
+        for name in model.model_extra or ():
+            return f"{where}{name[:64]}", f"the field '{name[:64]}'", "unknown_field"
+        return None
+
+    found = extra(wire, "")
+    if found is None and wire.stream_options is not None:
+        found = extra(wire.stream_options, "stream_options.")
+    messages = wire.messages if isinstance(wire, ChatCompletionRequest) else []
+    for i, message in enumerate(messages):
+        found = found or extra(message, f"messages[{i}].")
+        parts = message.content if isinstance(message.content, list) else []
+        for j, part in enumerate(parts):
+            if found is not None:
+                return found
+            if part.type != "text" or part.text is None:
+                what = f"a content part of type '{part.type}'"
+                return f"messages[{i}].content[{j}]", what, "unsupported_content"
+            found = extra(part, f"messages[{i}].content[{j}].")
+    return found
 
 
 def _check_unsupported(wire: SamplingFields) -> None:

@@ -1,0 +1,255 @@
+"""Upstream mode is transparent: the client's body reaches the upstream whole, and every field
+the upstream streams reaches the client, streamed or gathered into one response.
+
+The upstream is a small aiohttp server that answers as `vllm serve` does with a tool-call
+parser and a reasoning parser on (the chunks below are the shapes vLLM 0.32 streams); the real
+`vllm serve` is in tests/engine/test_vllm_serve.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+from tests.conftest import serve, simulated_settings
+from tests.upstream.test_upstream_engine import FakeUpstream, gateway_before, open_sse
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+CONVERSATION = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Weather?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def chunk(choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
+    body = {
+        "id": "chatcmpl-up",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "sim",
+        "choices": [choice] if choice else [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def delta(**fields: Any) -> dict[str, Any]:
+    return {"index": 0, "delta": fields, "logprobs": None, "finish_reason": None}
+
+
+async def tool_calling(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+    """A reasoning model that thinks, then calls a tool in three pieces."""
+    response = await open_sse(request)
+    await response.write(chunk(delta(role="assistant", content="")))
+    await response.write(chunk(delta(reasoning_content="The user wants")))
+    await response.write(chunk(delta(reasoning_content=" the weather.")))
+    call = {
+        "index": 0,
+        "id": "call_9",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    await response.write(chunk(delta(tool_calls=[call])))
+    for piece in ('{"city": ', '"Bergen"}'):
+        await response.write(
+            chunk(delta(tool_calls=[{"index": 0, "function": {"arguments": piece}}]))
+        )
+    finish = {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "tool_calls",
+        "stop_reason": None,
+    }
+    await response.write(chunk(finish))
+    usage = {
+        "prompt_tokens": 40,
+        "completion_tokens": 12,
+        "total_tokens": 52,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }
+    await response.write(chunk(None, usage))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+def body(stream: bool, **extra: Any) -> dict[str, Any]:
+    return {"model": "up", "messages": CONVERSATION, "stream": stream, "tools": TOOLS, **extra}
+
+
+async def test_the_clients_body_reaches_the_upstream_whole() -> None:
+    extra = {
+        "tool_choice": "auto",
+        "response_format": {"type": "json_object"},
+        "min_tokens": 3,
+        "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"enable_thinking": True},
+        "continue_final_message": False,
+        "add_generation_prompt": True,
+        "max_completion_tokens": 30,
+        "priority": 0,
+        "stream_options": {"include_usage": False},
+    }
+    async with (
+        gateway_before(tool_calling) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json=body(False, **extra))
+    assert r.status_code == 200, r.text
+    [sent] = fake.requests
+    assert sent["model"] == "sim"  # the upstream's own name for the model
+    assert sent["messages"] == CONVERSATION  # tool calls, tool results and image parts intact
+    assert sent["tools"] == TOOLS
+    for name in (
+        "tool_choice",
+        "response_format",
+        "min_tokens",
+        "repetition_penalty",
+        "chat_template_kwargs",
+        "continue_final_message",
+        "add_generation_prompt",
+        "max_completion_tokens",
+    ):
+        assert sent[name] == extra[name], name
+    # llmserve's own: its queue honours the priority, and it always reads a stream with usage.
+    assert "priority" not in sent
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+async def test_streamed_tool_calls_reasoning_and_usage_details_reach_the_client() -> None:
+    async with gateway_before(tool_calling) as (b, _):
+        client = AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+        stream = await client.chat.completions.create(
+            model="up",
+            messages=CONVERSATION,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        reasoning, arguments, names, reasons, usage = "", "", [], [], None
+        async for part in stream:
+            if part.usage is not None:
+                usage = part.usage
+            for choice in part.choices:
+                reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+                for call in choice.delta.tool_calls or ():
+                    if call.function and call.function.name:
+                        names.append((call.id, call.function.name))
+                    arguments += (call.function.arguments or "") if call.function else ""
+                if choice.finish_reason:
+                    reasons.append(choice.finish_reason)
+        await client.close()
+    assert reasoning == "The user wants the weather."
+    assert names == [("call_9", "get_weather")]
+    assert orjson.loads(arguments) == {"city": "Bergen"}
+    assert reasons == ["tool_calls"]  # not rewritten to "stop"
+    assert usage is not None and usage.prompt_tokens == 40 and usage.completion_tokens == 12
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 32
+
+
+async def test_a_whole_response_gathers_tool_calls_and_reasoning() -> None:
+    async with (
+        gateway_before(tool_calling) as (b, _),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json=body(False))
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert message["content"] is None  # only tool calls, as OpenAI answers
+    assert message["reasoning_content"] == "The user wants the weather."
+    assert message["tool_calls"] == [
+        {
+            "id": "call_9",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Bergen"}'},
+        }
+    ]
+    assert "stop_reason" in choice and choice["stop_reason"] is None
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"min_tokens": 2}, "min_tokens"),
+        (
+            {"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+            "stream_options.continuous_usage_stats",
+        ),
+    ],
+)
+async def test_an_engine_that_cannot_honour_a_field_refuses_it_by_name(
+    extra: dict[str, Any], param: str
+) -> None:
+    """The simulated engine (a test double of llmserve's own) serves only what llmserve
+    models: anything else is a 400 naming it, never accepted and ignored."""
+    request = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], **extra}
+    async with (
+        serve(simulated_settings()) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json=request)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, "unknown_field")
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "code"),
+    [
+        (CONVERSATION[:1], "messages[0].content[1]", "unsupported_content"),
+        (
+            [*CONVERSATION[1:2], {"role": "user", "content": "hi"}],
+            "messages[0].tool_calls",
+            "unknown_field",
+        ),
+        ([CONVERSATION[2]], "messages[0].tool_call_id", "unknown_field"),
+    ],
+)
+async def test_messages_the_engine_cannot_render_are_refused_by_name(
+    messages: list[dict[str, Any]], param: str, code: str
+) -> None:
+    async with (
+        serve(simulated_settings()) as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/chat/completions", json={"model": "sim", "messages": messages})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code)
