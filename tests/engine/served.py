@@ -20,7 +20,14 @@ def served_model() -> ManagedModel:
         name=SERVED,
         # Long enough for a 4,000-token request: a stream abandoned by a test must still be
         # running, minutes later, on a starved runner, unless the gateway aborts it.
-        args=("--max-model-len", "8192"),
+        args=(
+            "--max-model-len",
+            "8192",
+            # As the in-process default: tool calls parsed, so tool_choice "auto" is served.
+            "--tool-call-parser",
+            "xlam",
+            "--enable-auto-tool-choice",
+        ),
         startup_timeout_s=400,
     )
 

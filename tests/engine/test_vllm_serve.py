@@ -11,16 +11,20 @@ at its bound. The cause is the two CPU engines on two cores, not the gateway.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
+from openai import AsyncOpenAI
 
 from llmserve.config import Settings
 from tests.conftest import RunningServer, serve
 from tests.engine.hang_up import stream_then_hang_up
-from tests.engine.served import SERVED, served_model, vllm_serve_metric
+from tests.engine.served import SERVED, served_model, served_port, vllm_serve_metric
 from tests.routing.helpers import wait_ready
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
@@ -58,3 +62,153 @@ async def test_streams_through_vllm_serve_and_a_disconnect_aborts_there(
     tokens = await vllm_serve_metric(served_gateway, generated) - tokens_before
     assert 3 <= tokens < 4000, f"{tokens:g} tokens generated"
     assert await vllm_serve_metric(served_gateway, finished) == finished_before, "it finished"
+
+
+# --- Transparency: the gateway answers as `vllm serve` itself does, field for field ---------
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+# Greedy requests whose answers depend on fields the old gateway dropped or refused.
+TRANSPARENT = [
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Describe Ann, aged 30, as JSON."}],
+            "max_tokens": 60,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": PERSON_SCHEMA},
+            },
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required", "max_tokens": 60},
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "OK."}],
+                }
+            ],
+            "max_tokens": 40,
+            "min_tokens": 30,
+            "repetition_penalty": 1.2,
+        },
+    ),
+    (
+        "/v1/completions",
+        {
+            "prompt": ["The capital of France is", "One two three"],
+            "max_tokens": 3,
+            "echo": True,
+            "logprobs": 1,
+        },
+    ),
+]
+
+
+def _gathered(body: bytes) -> dict[str, Any]:
+    """Everything a stream told its client, gathered per choice and without what differs
+    between any two servers (ids, clocks) or means nothing (null fields; chunk boundaries:
+    vLLM ends a completion choice in its last token's chunk, llmserve in a chunk of its own).
+    Strings are joined and lists extended, as a client adds up a stream."""
+    gathered: dict[str, Any] = {"choices": {}}
+    for line in body.decode().splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        for choice in event.pop("choices", None) or ():
+            for call in (choice.get("delta") or {}).get("tool_calls") or ():
+                call.pop("id", None)  # random
+            _add(gathered["choices"].setdefault(choice.pop("index"), {}), choice)
+        _add(gathered, {k: v for k, v in event.items() if k not in ("id", "created")})
+    return gathered
+
+
+def _add(into: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if value is None:
+            continue
+        held = into.get(key)
+        if isinstance(held, str) and isinstance(value, str) and key not in ("object", "model"):
+            into[key] = held + value
+        elif isinstance(held, list) and isinstance(value, list):
+            held.extend(value)
+        elif isinstance(held, dict) and isinstance(value, dict):
+            _add(held, value)
+        else:
+            into[key] = value
+
+
+@pytest.mark.parametrize(("path", "request_body"), TRANSPARENT)
+async def test_a_stream_through_the_gateway_is_vllm_serves_own(
+    served_gateway: RunningServer, path: str, request_body: dict[str, Any]
+) -> None:
+    """Field for field, the same greedy stream as asking `vllm serve` directly, for requests
+    whose answers hang on fields the old gateway dropped or refused."""
+    body = {
+        **request_body,
+        "model": SERVED,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    port = served_port(served_gateway)
+    async with httpx.AsyncClient(timeout=240) as http:
+        direct = await http.post(f"http://127.0.0.1:{port}{path}", json=body)
+        gateway = await http.post(f"{served_gateway.url}{path}", json=body)
+    assert direct.status_code == 200, direct.text
+    assert gateway.status_code == 200, gateway.text
+    assert _gathered(gateway.content) == _gathered(direct.content)
+
+
+async def test_a_streamed_tool_call_through_the_gateway_is_vllm_serves(
+    served_gateway: RunningServer,
+) -> None:
+    """The tool call's deltas and the `tool_calls` finish reason reach the client."""
+    import json
+
+    options: dict[str, Any] = dict(
+        model=SERVED,
+        messages=WEATHER,
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+    )
+    api = AsyncOpenAI(base_url=served_gateway.url + "/v1", api_key="x", max_retries=0)
+    whole = await api.chat.completions.create(**options)
+    calls = whole.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    name, arguments, reasons = "", "", []
+    async for chunk in await api.chat.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                name += (call.function and call.function.name) or ""
+                arguments += (call.function and call.function.arguments) or ""
+            if choice.finish_reason:
+                reasons.append(choice.finish_reason)
+    await api.close()
+    assert name == "get_weather"
+    assert json.loads(arguments) == json.loads(calls[0].function.arguments)
+    assert reasons == [whole.choices[0].finish_reason]

@@ -60,51 +60,56 @@ class UsageReport:
 
     prompt_tokens: int
     completion_tokens: int
-    # Usage fields beyond the counts (prompt_tokens_details, ...), as an upstream sent them.
+    # Usage fields beyond the counts (prompt_tokens_details, ...), as an upstream sent them,
+    # and the fields of the chunk that carried them (vLLM's system_fingerprint, ...).
     details: Mapping[str, Any] | None = None
+    chunk: Mapping[str, Any] | None = None
 
 
 EngineEvent = TextDelta | ChoiceFinished | UsageReport
 
 
 def merge_fields(into: dict[str, Any], fields: Mapping[str, Any]) -> None:
-    """Add one chunk's passthrough fields to the whole response's, as OpenAI's SDKs accumulate
-    a stream: text is concatenated, lists (token ids) extended, streamed tool calls joined by
-    their ``index`` (arguments arrive in pieces), anything else replaced by the latest value."""
+    """Add one chunk's passthrough fields to the whole response's, as OpenAI's SDK accumulates
+    a stream (``openai.lib.streaming._deltas.accumulate_delta``): text concatenated, objects
+    merged key by key, lists of indexed objects (streamed tool calls) merged by ``index``,
+    other lists (logprobs, token ids) extended; ``index``, ``type`` and numbers are replaced,
+    not summed (a ``stop_reason`` is a token id), and a null never overwrites a value."""
     for key, value in fields.items():
         held = into.get(key)
-        if key == "tool_calls" and isinstance(value, list):
-            into[key] = _merge_tool_calls(held if isinstance(held, list) else [], value)
-        elif isinstance(value, str) and isinstance(held, str):
+        if held is None or key in ("index", "type"):
+            if value is not None or key not in into:
+                into[key] = _fresh(value)
+        elif isinstance(held, str) and isinstance(value, str):
             into[key] = held + value
-        elif isinstance(value, list):
-            into[key] = (held if isinstance(held, list) else []) + value
-        elif value is not None or key not in into:
-            into[key] = value
+        elif isinstance(held, dict) and isinstance(value, dict):
+            merge_fields(held, value)
+        elif isinstance(held, list) and isinstance(value, list):
+            _merge_list(held, value)
+        elif value is not None:
+            into[key] = _fresh(value)
 
 
-def _merge_tool_calls(calls: list[Any], deltas: list[Any]) -> list[Any]:
-    for delta in deltas:
-        if not isinstance(delta, dict):
-            calls.append(delta)
-            continue
-        index = delta.get("index", len(calls))
-        call = next((c for c in calls if isinstance(c, dict) and c.get("index") == index), None)
-        if call is None:
-            calls.append({**delta, "index": index, "function": dict(delta.get("function") or {})})
-            continue
-        for key, value in delta.items():
-            if key == "function" and isinstance(value, dict):
-                function = call.setdefault("function", {})
-                for name, part in value.items():
-                    held = function.get(name)
-                    if isinstance(part, str) and isinstance(held, str):
-                        function[name] = held + part
-                    elif part is not None:
-                        function[name] = part
-            elif value is not None and key != "index":
-                call[key] = value
-    return calls
+def _merge_list(held: list[Any], items: list[Any]) -> None:
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("index"), int):
+            same = next(
+                (h for h in held if isinstance(h, dict) and h.get("index") == item["index"]),
+                None,
+            )
+            if same is not None:
+                merge_fields(same, item)
+                continue
+        held.append(_fresh(item))
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of what will be merged into, so a chunk's own objects are never changed."""
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    return value
 
 
 def finished_tool_calls(calls: list[Any]) -> list[Any]:

@@ -365,18 +365,23 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
         delta = (choice.get("delta") or {}) if chat else {}
         text = delta.get("content") if chat else choice.get("text")
         raw_logprobs = choice.get("logprobs")
-        logprobs = _parse_logprobs(raw_logprobs, chat) if raw_logprobs else None
         reason = choice.get("finish_reason")
         # Nulls are dropped from token chunks (vLLM sends several on each), kept on the last.
         on_choice = _extra(choice, _CHOICE_OWN, keep_nulls=bool(reason))
         on_delta = _extra(delta, _DELTA_OWN) if chat else None
-        if text or on_delta or (on_choice and not reason):
+        # The token's own fields: on its text, even in the chunk that also finishes the choice.
+        on_token = None if reason else on_choice
+        count = 1
+        if raw_logprobs:
+            # Relayed as the upstream wrote them (nulls, bytes, offsets); parsed only to count.
+            count = len(_parse_logprobs(raw_logprobs, chat)) or 1
+            on_token = {**(on_token or {}), "logprobs": raw_logprobs}
+        if text or on_delta or on_token:
             fields = None
-            if on_delta or on_chunk or (on_choice and not reason):
-                fields = Passthrough(on_delta, None if reason else on_choice, on_chunk)
+            if on_delta or on_chunk or on_token:
+                fields = Passthrough(on_delta, on_token, on_chunk)
                 on_chunk = None  # once per chunk
-            count = len(logprobs) if logprobs else 1
-            events.append(TextDelta(index, text or "", count, logprobs, fields))
+            events.append(TextDelta(index, text or "", count, None, fields))
         if reason:
             fields = Passthrough(None, on_choice, on_chunk) if on_choice or on_chunk else None
             on_chunk = None
@@ -386,7 +391,7 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
         prompt, completion = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
         if prompt < 0 or completion < 0:
             raise ValueError("negative token counts")
-        events.append(UsageReport(prompt, completion, _extra(usage, _USAGE_OWN)))
+        events.append(UsageReport(prompt, completion, _extra(usage, _USAGE_OWN), on_chunk))
     return events
 
 

@@ -174,6 +174,8 @@ async def collect(events: AsyncIterator[EngineEvent], request: GenerationRequest
             usage = event
             if event.details:
                 merge_fields(result.usage_details, event.details)
+            if event.chunk:
+                merge_fields(result.extra, event.chunk)
     result.completion_tokens = usage.completion_tokens if usage else counted
     if usage is not None:
         result.prompt_tokens = usage.prompt_tokens

@@ -36,7 +36,7 @@ class OpenAIStreamEncoder:
             if not self._include_usage:
                 return []
             usage = self._formatter.usage(
-                event.prompt_tokens, event.completion_tokens, event.details
+                event.prompt_tokens, event.completion_tokens, event.details, event.chunk
             )
             return [sse.data(usage)]
         frames = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -93,12 +93,16 @@ class ChunkFormatter:
         return self._chunk(_with(choice, fields), fields)
 
     def usage(
-        self, prompt_tokens: int, completion_tokens: int, details: Any = None
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        details: Mapping[str, Any] | None = None,
+        chunk: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         counts: dict[str, Any] = usage(prompt_tokens, completion_tokens)
         if details:
             counts.update(details)
-        return {**self._base, "choices": [], "usage": counts}
+        return {**self._base, "choices": [], "usage": counts, **(chunk or {})}
 
 
 def _with(choice: dict[str, Any], fields: Passthrough | None) -> dict[str, Any]:

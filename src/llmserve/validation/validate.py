@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 
 from pydantic import BaseModel
 
@@ -82,18 +83,22 @@ async def validate_completion(
             raise InvalidRequest("echo is not supported by this model", param="echo")
         if wire.suffix:
             raise InvalidRequest("suffix is not supported by this model", param="suffix")
-    prompt = wire.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise InvalidRequest(
-                "send one prompt per request (batches of prompts are not supported)",
-                param="prompt",
-            )
-        prompt = prompt[0]
-    return await _build(
+    prompts = wire.prompt if isinstance(wire.prompt, list) else [wire.prompt]
+    if not prompts:
+        raise InvalidRequest("the prompt must not be empty", param="prompt")
+    if len(prompts) > 1 and not forwards:
+        raise InvalidRequest(
+            "send one prompt per request to this model (batches of prompts are served by "
+            "upstream engines)",
+            param="prompt",
+        )
+    if len(prompts) > limits.max_n:
+        raise InvalidRequest(f"at most {limits.max_n} prompts per request", param="prompt")
+    generation = await _build(
         wire,
         "completion",
-        prompt,
+        # A batch is counted as one text: its tokens are an estimate for an upstream anyway.
+        "".join(prompts),
         codec,
         limits,
         wire.max_tokens,
@@ -101,6 +106,12 @@ async def validate_completion(
         "logprobs",
         forwards=forwards,
     )
+    if len(prompts) == 1:
+        return generation
+    # The upstream answers n choices per prompt, indexed in order: the queue and the quota
+    # count them all.
+    choices = replace(generation.sampling, n=generation.sampling.n * len(prompts))
+    return replace(generation, sampling=choices)
 
 
 async def validate_generate(
