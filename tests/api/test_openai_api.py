@@ -373,6 +373,16 @@ async def test_models_lists_both(sim_server: RunningServer) -> None:
     assert {m["id"]: m["max_model_len"] for m in raw["data"]} == {"sim": 256, "slow": 4096}
 
 
+async def test_a_model_is_retrieved_by_name_and_an_unknown_one_is_a_404(
+    sim_server: RunningServer,
+) -> None:
+    model = await sdk(sim_server).models.retrieve("slow")
+    assert (model.id, model.object) == ("slow", "model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        await sdk(sim_server).models.retrieve("no-such/model")
+    assert missing.value.code == "model_not_found"
+
+
 async def test_generate_streams_one_event_per_token_then_end(http: httpx.AsyncClient) -> None:
     async with http.stream(
         "POST", "/generate", json={"prompt": "hello world", "max_tokens": 5}

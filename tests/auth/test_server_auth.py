@@ -160,6 +160,22 @@ async def test_a_key_revoked_while_the_server_runs_stops_working_within_a_second
         assert other.status_code == 200
 
 
+async def test_a_key_cannot_retrieve_a_model_it_may_not_use(auth_server: AuthServer) -> None:
+    async with httpx.AsyncClient(
+        base_url=auth_server.url, timeout=10, headers=bearer(auth_server.sim_only)
+    ) as client:
+        assert (await client.get("/v1/models/sim")).status_code == 200
+        hidden = await client.get("/v1/models/slow")
+        assert hidden.status_code == 404  # as unknown: the key does not learn it exists
+        assert hidden.json()["error"]["code"] == "model_not_found"
+        # ... though it is served, to a key that may use it.
+        shown = await client.get("/v1/models/slow", headers=bearer(auth_server.full))
+        assert shown.status_code == 200
+        assert (
+            await client.get("/v1/models/sim", headers={"Authorization": ""})
+        ).status_code == 401
+
+
 async def test_a_key_created_while_the_server_runs_works_within_a_second(
     auth_server: AuthServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
