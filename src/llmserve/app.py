@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from llmserve import __version__
-from llmserve.api import generation_routes, openai_routes, simple_routes
+from llmserve.api import generation_routes, openai_routes, simple_routes, tokenize_routes
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.openapi import install_openapi
@@ -80,6 +80,7 @@ def create_app(
     # First: the router tries routes in order, and these take nearly all the traffic.
     app.router.routes[0:0] = generation_routes.ROUTES
     app.include_router(openai_routes.router)
+    app.include_router(tokenize_routes.router)
     app.include_router(simple_routes.router)
     install_error_handlers(app)
     install_openapi(app)

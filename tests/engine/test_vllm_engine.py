@@ -25,6 +25,7 @@ from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
+from tests.routing.helpers import wait_ready
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -43,11 +44,7 @@ async def vllm_server() -> AsyncIterator[RunningServer]:
         ]
     )
     async with serve(settings) as running:
-        async with httpx.AsyncClient(base_url=running.url) as client:
-            deadline = time.monotonic() + 400
-            while (await client.get("/ready")).status_code != 200:
-                assert time.monotonic() < deadline, "the vLLM engine did not become ready"
-                await asyncio.sleep(0.5)
+        await wait_ready(running.url, within_s=400)
         try:
             yield running
         finally:
@@ -417,3 +414,34 @@ async def test_unknown_fields_and_beam_search_are_refused_by_name(
     with pytest.raises(openai.BadRequestError) as too_many:
         await api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**6)
     assert too_many.value.param == "max_tokens"
+
+
+# --- /tokenize and /detokenize: vLLM's own, for in-process models ---------------------------
+
+
+async def test_tokenize_counts_as_the_chat_request_does_and_detokenize_inverts_it(
+    vllm_server: RunningServer, tokenizer: Any
+) -> None:
+    async with httpx.AsyncClient(base_url=vllm_server.url, timeout=60) as http:
+        chat = await http.post("/tokenize", json={"model": MODEL, "messages": QUESTION})
+        assert chat.status_code == 200, chat.text
+        expected = tokenizer.apply_chat_template(
+            QUESTION, add_generation_prompt=True, return_dict=True
+        )
+        assert chat.json()["tokens"] == list(expected["input_ids"])
+        assert chat.json()["count"] == len(expected["input_ids"])
+        assert chat.json()["max_model_len"] == 2048
+        text = await http.post("/tokenize", json={"prompt": "Hello world", "model": MODEL})
+        ids = text.json()["tokens"]
+        assert ids == tokenizer("Hello world")["input_ids"]
+        back = await http.post("/detokenize", json={"model": MODEL, "tokens": ids})
+        assert back.status_code == 200, back.text
+        assert back.json()["prompt"] == "Hello world"
+        unknown = await http.post("/tokenize", json={"model": MODEL, "prompt": "x", "nope": 1})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["param"] == "nope"
+        upstream = await http.post("/tokenize", json={"model": SERVED, "prompt": "x"})
+        assert upstream.status_code == 400  # no exact tokenizer in the gateway for it
+        assert upstream.json()["error"]["param"] == "model"
+        missing = await http.post("/detokenize", json={"model": "no-such", "tokens": [1]})
+        assert missing.status_code == 404

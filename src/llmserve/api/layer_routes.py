@@ -70,7 +70,7 @@ async def serve(
     request: Request, send: Send, gw: Gateway, engine: Any, body: dict[str, Any], chat: bool
 ) -> None:
     schema = vllm_compat.chat_request() if chat else vllm_compat.completion_request()
-    wire = _parse(schema, body)
+    wire = parse_vllm(schema, body)
     _check_limits(wire, gw.settings.limits, chat)
     wire.request_id = os.urandom(16).hex()
     kind: RequestKind = "chat" if chat else "completion"
@@ -95,7 +95,7 @@ async def serve(
             if gate.error is not None:
                 raise gate.error
             if isinstance(result, vllm_compat.error_response()):
-                raise _rejected(result)
+                raise rejected(result)
             if isinstance(result, BaseModel):
                 completed = True
                 await gate.close(completed=True)
@@ -129,10 +129,10 @@ async def _create(layer: Any, wire: Any, chat: bool) -> Any:
     except LLMServeError:
         raise
     except Exception as exc:  # vLLM raises some request errors instead of returning them
-        rejected = _rejected(vllm_compat.error_response_for(exc))
-        if rejected.status >= 500:
+        error = rejected(vllm_compat.error_response_for(exc))
+        if error.status >= 500:
             log.exception("vLLM failed on a request")
-        raise rejected from None
+        raise error from None
 
 
 async def _stream(send: Send, gate: LayerGate, first: str | None, rest: Any) -> None:
@@ -148,7 +148,7 @@ async def _stream(send: Send, gate: LayerGate, first: str | None, rest: Any) -> 
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _parse(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+def parse_vllm(schema: type[BaseModel], body: dict[str, Any]) -> Any:
     names = set()
     for name, field in schema.model_fields.items():
         names.add(name)
@@ -212,7 +212,7 @@ def _check_limits(wire: Any, limits: Limits, chat: bool) -> None:
         raise InvalidRequest(f"at most {limits.max_n} prompts per request", param="prompt")
 
 
-def _rejected(error: Any) -> LLMServeError:
+def rejected(error: Any) -> LLMServeError:
     """vLLM's error response as llmserve's error, with OpenAI's types and codes."""
     info = error.error
     message, param = str(info.message), info.param

@@ -36,29 +36,51 @@ def make_arg_parser() -> Any:
     return make(parser_class())
 
 
-def chat_request() -> Any:
-    return _first(
-        "ChatCompletionRequest",
+# Request and response types: name → modules that held it, newest first.
+_TYPES: dict[str, tuple[str, ...]] = {
+    "ChatCompletionRequest": (
         "vllm.entrypoints.openai.chat_completion.protocol",
         "vllm.entrypoints.openai.protocol",
-    )
-
-
-def completion_request() -> Any:
-    return _first(
-        "CompletionRequest",
+    ),
+    "CompletionRequest": (
         "vllm.entrypoints.openai.completion.protocol",
         "vllm.entrypoints.openai.protocol",
-    )
-
-
-def error_response() -> Any:
-    return _first(
-        "ErrorResponse",
+    ),
+    "ErrorResponse": (
         "vllm.entrypoints.serve.engine.protocol",
         "vllm.entrypoints.openai.engine.protocol",
         "vllm.entrypoints.openai.protocol",
-    )
+    ),
+    "TokenizeCompletionRequest": (
+        "vllm.entrypoints.serve.tokenize.protocol",
+        "vllm.entrypoints.openai.protocol",
+    ),
+    "TokenizeChatRequest": (
+        "vllm.entrypoints.serve.tokenize.protocol",
+        "vllm.entrypoints.openai.protocol",
+    ),
+    "DetokenizeRequest": (
+        "vllm.entrypoints.serve.tokenize.protocol",
+        "vllm.entrypoints.openai.protocol",
+    ),
+}
+
+
+def vllm_type(name: str) -> Any:
+    """One of vLLM's request or response types by its class name (``_TYPES``)."""
+    return _first(name, *_TYPES[name])
+
+
+def chat_request() -> Any:
+    return vllm_type("ChatCompletionRequest")
+
+
+def completion_request() -> Any:
+    return vllm_type("CompletionRequest")
+
+
+def error_response() -> Any:
+    return vllm_type("ErrorResponse")
 
 
 def error_response_for(exc: Exception) -> Any:
@@ -69,3 +91,12 @@ def error_response_for(exc: Exception) -> Any:
         "vllm.entrypoints.utils",
     )
     return create(exc)
+
+
+def tokenization(layer: Any) -> Any:
+    """The layer's tokenize/detokenize serving object (renamed between releases)."""
+    for name in ("serving_tokenization", "openai_serving_tokenization"):
+        serving = getattr(layer, name, None)
+        if serving is not None:
+            return serving
+    raise AttributeError("vLLM's layer has no tokenization serving object")
