@@ -13,7 +13,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from llmserve.config import VllmModel
+from llmserve.config import AdmissionConfig, VllmModel
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import RunningServer, serve
 from tests.routing.helpers import wait_ready
@@ -29,7 +29,12 @@ async def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     path: Path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     KEYS["small"] = add_key(path, "small", tpm=200)
     KEYS["single"] = add_key(path, "single", max_concurrent=1)
-    settings = auth_settings(path, models=[VllmModel(engine_args={"max_model_len": 2048})])
+    KEYS["free"] = add_key(path, "free")
+    # One request runs at a time, so a second one queues; keep-alives every half second.
+    model = VllmModel(
+        engine_args={"max_model_len": 2048}, admission=AdmissionConfig(max_in_flight=1)
+    )
+    settings = auth_settings(path, models=[model]).model_copy(update={"keepalive_interval_s": 0.5})
     async with serve(settings) as running:
         await wait_ready(running.url, within_s=400)
         yield running
@@ -86,3 +91,38 @@ async def test_the_concurrency_slot_comes_back_after_a_hang_up(
             await asyncio.sleep(0.2)
         assert after.status_code == 200
         assert after.json()["usage"]["completion_tokens"] == 1
+
+
+async def test_a_queued_stream_gets_keep_alives_then_its_tokens(
+    keyed_server: RunningServer,
+) -> None:
+    """A stream that waits in the queue is opened with SSE comments at the keep-alive interval
+    (a proxy with an idle timeout keeps it), then streams once admitted."""
+    headers = bearer(KEYS["free"])
+    long = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2000, "stream": True}
+    long["ignore_eos"] = True
+    short = {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=keyed_server.url, timeout=120) as http,
+        http.stream("POST", "/v1/completions", json=long, headers=headers) as first,
+    ):
+        assert first.status_code == 200
+        lines = first.aiter_lines()  # held: a dropped iterator would hang up
+        async for line in lines:
+            if line.startswith("data:"):
+                break
+        async with http.stream("POST", "/v1/completions", json=short, headers=headers) as queued:
+            assert queued.status_code == 200  # opened while it waits
+            waiting = queued.aiter_lines()
+            comments = 0
+            async for line in waiting:
+                if line.startswith(":"):
+                    comments += 1
+                if comments == 3:
+                    break
+            # The long stream hangs up: the queued one is admitted and streams to the end.
+            await first.aclose()
+            data = [line async for line in waiting if line.startswith("data:")]
+    assert comments == 3
+    assert data[-1] == "data: [DONE]"
+    assert len(data) >= 2  # tokens, then [DONE]

@@ -10,6 +10,7 @@ bounds (``Limits``) apply on top; quota, queue, deadline and abort are the gate'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator
@@ -19,8 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Send
+from starlette.types import Message, Send
 
+from llmserve.api.errors import body_for
+from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.state import Gateway
 from llmserve.config import Limits
 from llmserve.engines import vllm_compat
@@ -33,6 +36,7 @@ from llmserve.errors import (
     ModelNotFound,
 )
 from llmserve.serving.layer_gate import LayerGate
+from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.validation.request import RequestKind
 
@@ -105,12 +109,29 @@ async def serve(
                 )
                 await response(request.scope, request.receive, send)
             else:
-                await gate.open()  # 429 / 503 before the stream's first byte
-                first = await anext(result, None)
-                if gate.error is not None:
-                    raise gate.error
+                # 429 / 503 before the stream's first byte, unless the queue holds it past the
+                # keep-alive interval: then the stream opens with comments, and errors are in band.
+                started = Opened()
+                interval = gw.settings.keepalive_interval_s
+                keepalive = KeepAlive(send, lambda: _head(gate), interval, started)
+                try:
+                    await gate.open()
+                    first = await anext(result, None)
+                    if gate.error is not None:
+                        raise gate.error
+                except LLMServeError as exc:
+                    if not await keepalive.stop():
+                        raise
+                    opened = True
+                    await _end(send, [sse.data(body_for(exc)), sse.DONE])
+                    return
+                except BaseException:
+                    await keepalive.stop()
+                    raise
                 opened = True
-                await _stream(send, gate, first, result)
+                if not await keepalive.stop():
+                    await send(_head(gate))
+                await _stream(send, first, result)
                 completed = gate.error is None
     finally:
         CURRENT_GATE.reset(token)
@@ -135,9 +156,12 @@ async def _create(layer: Any, wire: Any, chat: bool) -> Any:
         raise error from None
 
 
-async def _stream(send: Send, gate: LayerGate, first: str | None, rest: Any) -> None:
+def _head(gate: LayerGate) -> Message:
     headers = [*_SSE_HEADERS, *((k.lower().encode(), v.encode()) for k, v in gate.headers.items())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    return {"type": "http.response.start", "status": 200, "headers": headers}
+
+
+async def _stream(send: Send, first: str | None, rest: Any) -> None:
     try:
         if first is not None:
             await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
@@ -145,7 +169,12 @@ async def _stream(send: Send, gate: LayerGate, first: str | None, rest: Any) -> 
             await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
     except OSError:
         return  # the connection broke: the same as a disconnect
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await _end(send, [])
+
+
+async def _end(send: Send, frames: list[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
 
 
 def parse_vllm(schema: type[BaseModel], body: dict[str, Any]) -> Any:

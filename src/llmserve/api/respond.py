@@ -11,7 +11,6 @@ that goes away stops the request wherever it is (``DisconnectWatch``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -21,6 +20,7 @@ from starlette.types import Message, Send
 
 from llmserve.api.admit import ticket_for
 from llmserve.api.errors import json_response
+from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
@@ -30,7 +30,6 @@ from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
 from llmserve.observability.request_metrics import RequestRecord
 from llmserve.serving.request_run import RequestRun
 from llmserve.serving.run import collect
-from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response
@@ -90,7 +89,7 @@ async def respond(
     """Answer with the run's result: a stream when ``encoder`` is given, else one JSON body.
     An error before the first byte is raised (the error handlers answer it, with its status),
     and so is ``ClientDisconnected`` for a client that left before it."""
-    opened = _Opened()
+    opened = Opened()
     try:
         with DisconnectWatch(request.receive) as watch:
             if encoder is None:
@@ -110,19 +109,13 @@ async def respond(
         raise ClientDisconnected("the client disconnected")
 
 
-class _Opened:
-    """Whether the response has started: after that, errors and disconnects stay in band."""
-
-    yes = False
-
-
 async def _stream(
     send: Send,
     body_send: Send,
     run: RequestRun,
     encoder: StreamEncoder,
     keepalive_s: float,
-    opened: _Opened,
+    opened: Opened,
 ) -> None:
     """The start goes through ``send`` (every middleware sees it), the body through
     ``body_send``, the server's own (``api.server_send``)."""
@@ -134,7 +127,7 @@ async def _stream(
             for name, value in {**_SSE_HEADERS, **run.headers}.items()
         ],
     }
-    keepalive = _KeepAlive(send, start, keepalive_s, opened)
+    keepalive = KeepAlive(send, lambda: start, keepalive_s, opened)
     try:
         first = await anext(run.events, None)
     except LLMServeError as exc:
@@ -180,42 +173,3 @@ async def _body(send: Send, frames: list[bytes], held: list[bytes], event: Engin
 
 async def _end(send: Send, frames: list[bytes]) -> None:
     await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
-
-
-_KEEPALIVE: Message = {
-    "type": "http.response.body",
-    "body": sse.comment("keep-alive"),
-    "more_body": True,
-}
-
-
-class _KeepAlive:
-    """Opens the stream and sends SSE comments while the first event is slow to come (a queued
-    request). A timer, and a task only once it fires: most requests never need either."""
-
-    def __init__(self, send: Send, start: Message, interval_s: float, opened: _Opened) -> None:
-        self._opened = opened
-        self._send = send
-        self._start = start
-        self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(interval_s, self._fire)
-
-    def _fire(self) -> None:
-        self._task = asyncio.ensure_future(self._beat())
-
-    async def _beat(self) -> None:
-        with contextlib.suppress(OSError):
-            self._opened.yes = True  # uvicorn writes the status line without waiting
-            await self._send(self._start)
-            while True:
-                await self._send(_KEEPALIVE)
-                await asyncio.sleep(self._interval_s)
-
-    async def stop(self) -> bool:
-        """Stop; True if the response was opened (the status line is gone already)."""
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task})  # not ``await task``: that would hide our own cancel
-        return self._opened.yes
