@@ -126,3 +126,18 @@ async def test_a_queued_stream_gets_keep_alives_then_its_tokens(
     assert comments == 3
     assert data[-1] == "data: [DONE]"
     assert len(data) >= 2  # tokens, then [DONE]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_go_through_the_keys_quota(
+    keyed_server: RunningServer, stream: bool
+) -> None:
+    """The Responses API is gated as chat is: over the key's tokens per minute → 429."""
+    body = {"model": MODEL, "input": "hello " * 100, "max_output_tokens": 150, "stream": stream}
+    async with httpx.AsyncClient(base_url=keyed_server.url, timeout=60) as http:
+        r = await http.post("/v1/responses", json=body, headers=bearer(KEYS["small"]))
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        fits = {**body, "input": "hello", "max_output_tokens": 5}
+        ok = await http.post("/v1/responses", json=fits, headers=bearer(KEYS["small"]))
+        assert ok.status_code == 200, ok.text

@@ -445,3 +445,46 @@ async def test_tokenize_counts_as_the_chat_request_does_and_detokenize_inverts_i
         assert upstream.json()["error"]["param"] == "model"
         missing = await http.post("/detokenize", json={"model": "no-such", "tokens": [1]})
         assert missing.status_code == 404
+
+
+# --- /v1/responses: vLLM's own Responses API, for in-process models --------------------------
+
+
+async def test_responses_answer_whole_and_streamed(
+    vllm_server: RunningServer, tokenizer: Any
+) -> None:
+    api = client(vllm_server)
+    whole = await api.responses.create(
+        model=MODEL, input="What is the capital of France?", max_output_tokens=24, temperature=0
+    )
+    assert "Paris" in whole.output_text
+    assert whole.usage is not None and 0 < whole.usage.output_tokens <= 24
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+    )
+    assert whole.usage.input_tokens == len(expected["input_ids"])
+    text, kinds = "", []
+    async with api.responses.stream(
+        model=MODEL, input="What is the capital of France?", max_output_tokens=24, temperature=0
+    ) as stream:
+        async for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert text == whole.output_text  # greedy: the same answer
+
+
+async def test_responses_bounds_and_refusals_are_named(vllm_server: RunningServer) -> None:
+    api = client(vllm_server)
+    with pytest.raises(openai.BadRequestError) as background:
+        await api.responses.create(model=MODEL, input="hi", background=True)
+    assert background.value.param == "background"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        await api.responses.create(model=MODEL, input="hi", max_output_tokens=10**6)
+    assert too_long.value.param == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as upstream:
+        await api.responses.create(model=SERVED, input="hi")
+    assert upstream.value.param == "model"

@@ -27,12 +27,13 @@ from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
 from llmserve.config import Limits
 from llmserve.engines.base import PromptCodec
+from llmserve.errors import InvalidRequest
 from llmserve.streaming.encoders import (
     GenerateStreamEncoder,
     OpenAIStreamEncoder,
     StreamEncoder,
 )
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import GenerationRequest, RequestKind
 from llmserve.validation.validate import validate_chat, validate_completion, validate_generate
 
 # What a route makes of its body: the validated request, and how to stream it (None: whole).
@@ -46,7 +47,7 @@ class GenerationRoute:
     Chat and completions for an in-process vLLM model go to vLLM's own OpenAI layer instead
     (``api.layer_routes``)."""
 
-    def __init__(self, prepare: Prepare, layer: str | None = None) -> None:
+    def __init__(self, prepare: Prepare, layer: RequestKind | None = None) -> None:
         self._prepare = prepare
         self._layer = layer
 
@@ -62,7 +63,7 @@ class GenerationRoute:
 
 
 async def _served_by_layer(
-    request: Request, send: Send, gw: Gateway, raw: bytes, kind: str
+    request: Request, send: Send, gw: Gateway, raw: bytes, kind: RequestKind
 ) -> bool:
     """Serve the request with vLLM's OpenAI layer if its model has one; False if not."""
     data = load_json(raw)
@@ -75,7 +76,7 @@ async def _served_by_layer(
         return False
     authorize(request, requested, name)
     assert isinstance(data, dict)
-    await layer_routes.serve(request, send, gw, engine, {**data, "model": name}, kind == "chat")
+    await layer_routes.serve(request, send, gw, engine, {**data, "model": name}, kind)
     return True
 
 
@@ -120,7 +121,23 @@ async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
     return generation, GenerateStreamEncoder()
 
 
+async def _responses(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+    """Reached only when vLLM's layer did not serve the request: say why, by name."""
+    data = load_json(raw)
+    requested = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(requested, str):
+        raise InvalidRequest("model is required", param="model")
+    name = gw.models.canonical(requested)  # 404 for an unknown model
+    authorize(request, requested, name)
+    raise InvalidRequest(
+        f"the model '{requested[:256]}' does not serve the Responses API: it is served by "
+        "in-process models (engine: vllm) through vLLM's own implementation",
+        param="model",
+    )
+
+
 ROUTES = [
+    Route("/v1/responses", GenerationRoute(_responses, layer="responses"), methods=["POST"]),
     Route(
         "/v1/chat/completions",
         GenerationRoute(_openai(ChatCompletionRequest, validate_chat), layer="chat"),

@@ -70,21 +70,36 @@ class LayerRejected(LLMServeError):
         self.error_type = error_type  # type: ignore[misc]
 
 
+_SCHEMAS = {
+    "chat": "ChatCompletionRequest",
+    "completion": "CompletionRequest",
+    "responses": "ResponsesRequest",
+}
+
+
 async def serve(
-    request: Request, send: Send, gw: Gateway, engine: Any, body: dict[str, Any], chat: bool
+    request: Request,
+    send: Send,
+    gw: Gateway,
+    engine: Any,
+    body: dict[str, Any],
+    kind: RequestKind,
 ) -> None:
-    schema = vllm_compat.chat_request() if chat else vllm_compat.completion_request()
-    wire = parse_vllm(schema, body)
-    _check_limits(wire, gw.settings.limits, chat)
-    wire.request_id = os.urandom(16).hex()
-    kind: RequestKind = "chat" if chat else "completion"
-    prefix = "chatcmpl" if chat else "cmpl"
+    wire = parse_vllm(vllm_compat.vllm_type(_SCHEMAS[kind]), body)
+    if kind == "responses":
+        _check_responses_limits(wire, gw.settings.limits)
+        # vLLM's own id ("resp_..."), the one its engine requests are named after.
+        gate_id = wire.request_id
+    else:
+        _check_limits(wire, gw.settings.limits, kind == "chat")
+        wire.request_id = os.urandom(16).hex()
+        gate_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{wire.request_id}"
     gate = LayerGate(
         request,
         gw,
         wire.model,
         kind,
-        f"{prefix}-{wire.request_id}",
+        gate_id,
         int(getattr(wire, "priority", 0) or 0),
         engine.abort,
     )
@@ -93,7 +108,7 @@ async def serve(
     result: Any = None
     try:
         with DisconnectWatch(request.receive) as watch:
-            result = await _create(engine.layer, wire, chat)
+            result = await _create(engine.layer, wire, kind)
             if watch.gone:  # vLLM answered the cancellation with an error response of its own
                 raise ClientDisconnected("the client disconnected")
             if gate.error is not None:
@@ -105,7 +120,10 @@ async def serve(
                 await gate.close(completed=True)
                 opened = True
                 response = Response(
-                    result.model_dump_json(), 200, gate.headers, media_type="application/json"
+                    result.model_dump_json(by_alias=kind == "responses"),
+                    200,
+                    gate.headers,
+                    media_type="application/json",
                 )
                 await response(request.scope, request.receive, send)
             else:
@@ -115,15 +133,16 @@ async def serve(
                 interval = gw.settings.keepalive_interval_s
                 keepalive = KeepAlive(send, lambda: _head(gate), interval, started)
                 try:
-                    await gate.open()
-                    first = await anext(result, None)
+                    if gate.entered:  # else the first engine request opens it (``_run``)
+                        await gate.open()
+                    first = await _read_to_the_gate(gate, result)
                     if gate.error is not None:
                         raise gate.error
                 except LLMServeError as exc:
                     if not await keepalive.stop():
                         raise
                     opened = True
-                    await _end(send, [sse.data(body_for(exc)), sse.DONE])
+                    await _end(send, _in_band(exc, kind))
                     return
                 except BaseException:
                     await keepalive.stop()
@@ -131,7 +150,7 @@ async def serve(
                 opened = True
                 if not await keepalive.stop():
                     await send(_head(gate))
-                await _stream(send, first, result)
+                await _stream(send, first, result, kind)
                 completed = gate.error is None
     finally:
         CURRENT_GATE.reset(token)
@@ -142,10 +161,15 @@ async def serve(
         raise ClientDisconnected("the client disconnected")
 
 
-async def _create(layer: Any, wire: Any, chat: bool) -> Any:
+async def _create(layer: Any, wire: Any, kind: RequestKind) -> Any:
     try:
-        if chat:
+        if kind == "chat":
             return await layer.openai_serving_chat.create_chat_completion(wire, None)
+        if kind == "responses":
+            result = await layer.openai_serving_responses.create_responses(wire, None)
+            if isinstance(result, AsyncGenerator):
+                return _responses_sse(result)
+            return result
         return await layer.openai_serving_completion.create_completion(wire, None)
     except LLMServeError:
         raise
@@ -161,7 +185,22 @@ def _head(gate: LayerGate) -> Message:
     return {"type": "http.response.start", "status": 200, "headers": headers}
 
 
-async def _stream(send: Send, first: str | None, rest: Any) -> None:
+async def _read_to_the_gate(gate: LayerGate, result: AsyncGenerator[str, None]) -> str | None:
+    """The stream's frames up to the one that opened the gate, as one: vLLM's Responses
+    streams announce the response (``response.created``) before they ask for an engine
+    request, and the quota and the queue must still answer before the first byte."""
+    frames: list[str] = []
+    while True:
+        frame = await anext(result, None)
+        if frame is None:
+            break
+        frames.append(frame)
+        if gate.opened or gate.error is not None:
+            break
+    return "".join(frames) if frames else None
+
+
+async def _stream(send: Send, first: str | None, rest: Any, kind: RequestKind) -> None:
     try:
         if first is not None:
             await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
@@ -169,7 +208,18 @@ async def _stream(send: Send, first: str | None, rest: Any) -> None:
             await send({"type": "http.response.body", "body": frame.encode(), "more_body": True})
     except OSError:
         return  # the connection broke: the same as a disconnect
+    except LLMServeError as exc:
+        # Chat and completions streams answer errors in band themselves; Responses streams
+        # raise them (a deadline, an engine restart): llmserve ends those in band.
+        await _end(send, _in_band(exc, kind))
+        return
     await _end(send, [])
+
+
+def _in_band(exc: LLMServeError, kind: RequestKind) -> list[bytes]:
+    if kind == "responses":
+        return [sse.event("error", body_for(exc))]
+    return [sse.data(body_for(exc)), sse.DONE]
 
 
 async def _end(send: Send, frames: list[bytes]) -> None:
@@ -194,6 +244,40 @@ def parse_vllm(schema: type[BaseModel], body: dict[str, Any]) -> Any:
         return schema.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+async def _responses_sse(events: AsyncGenerator[Any, None]) -> AsyncGenerator[str, None]:
+    """The Responses API's events as SSE, named by their type, as `vllm serve` sends them."""
+    try:
+        async for event in events:
+            kind = getattr(event, "type", "unknown")
+            yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+    finally:
+        await events.aclose()
+
+
+def _check_responses_limits(wire: Any, limits: Limits) -> None:
+    if wire.max_output_tokens is not None and wire.max_output_tokens > limits.max_tokens:
+        raise InvalidRequest(
+            f"max_output_tokens must be at most {limits.max_tokens}", param="max_output_tokens"
+        )
+    if wire.max_output_tokens is None:  # vLLM's default would be the whole rest of the context
+        wire.max_output_tokens = limits.default_max_tokens
+    if isinstance(wire.input, list) and len(wire.input) > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} input items are allowed", param="input"
+        )
+    if getattr(wire, "background", False):
+        raise InvalidRequest(
+            "background responses are not served: llmserve answers each request while its "
+            "client waits (deadline, abort on disconnect)",
+            param="background",
+        )
+    top = getattr(wire, "top_logprobs", None)
+    if top is not None and top > limits.max_logprobs:
+        raise InvalidRequest(
+            f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
+        )
 
 
 def _check_limits(wire: Any, limits: Limits, chat: bool) -> None:

@@ -51,6 +51,10 @@ _TYPES: dict[str, tuple[str, ...]] = {
         "vllm.entrypoints.openai.engine.protocol",
         "vllm.entrypoints.openai.protocol",
     ),
+    "ResponsesRequest": (
+        "vllm.entrypoints.openai.responses.protocol",
+        "vllm.entrypoints.openai.protocol",
+    ),
     "TokenizeCompletionRequest": (
         "vllm.entrypoints.serve.tokenize.protocol",
         "vllm.entrypoints.openai.protocol",

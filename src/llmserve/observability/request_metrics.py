@@ -22,7 +22,12 @@ from llmserve.validation.request import GenerationRequest
 # about three times a second), and the rest when it ends.
 _COUNT_STEP = 16
 
-_OPERATION = {"chat": "chat", "completion": "text_completion", "generate": "text_completion"}
+_OPERATION = {
+    "chat": "chat",
+    "completion": "text_completion",
+    "generate": "text_completion",
+    "responses": "chat",
+}
 
 
 @dataclass(slots=True)

@@ -63,6 +63,16 @@ class LayerGate:
         # status: vLLM's serving code turns exceptions into its own error responses.
         self.error: LLMServeError | None = None
 
+    @property
+    def opened(self) -> bool:
+        """Whether the quota and the queue have let the request in."""
+        return self._opened
+
+    @property
+    def entered(self) -> bool:
+        """Whether vLLM has asked for an engine request yet (so the prompt is known)."""
+        return bool(self._subs)
+
     def enter(
         self, request_id: str, prompt_tokens: int, params: Any, start: EngineRequest
     ) -> AsyncGenerator[Any, None]:

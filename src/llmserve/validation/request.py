@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-RequestKind = Literal["chat", "completion", "generate"]
+RequestKind = Literal["chat", "completion", "generate", "responses"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,9 @@ _INLINE_TOKENIZE_CHARS = 4096
 
 
 def new_request_id(kind: RequestKind) -> str:
-    prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen"}[kind]
+    prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen", "responses": "resp"}[
+        kind
+    ]
     return f"{prefix}-{os.urandom(16).hex()}"
 
 
