@@ -28,6 +28,16 @@ _OPERATIONS = {
     "/v1/chat/completions": ("Chat Completions", "chat_completions_v1_chat_completions_post"),
     "/v1/completions": ("Completions", "completions_v1_completions_post"),
     "/generate": ("Generate", "generate_generate_post"),
+    "/v1/responses": ("Responses", "responses_v1_responses_post"),
+}
+# Served by vLLM's own request types (in-process models), which the gateway alone does not
+# import: described by what they require.
+_VLLM_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/responses": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {"model": {"type": "string"}, "input": {}},
+    },
 }
 _REF = "#/components/schemas/{model}"
 _ERROR = "OpenAIError"
@@ -90,12 +100,15 @@ def _complete(spec: dict[str, Any]) -> dict[str, Any]:
             responses = operation.setdefault("responses", {})
             # Every route may be refused (no key, a body too large, ...) with the same body.
             responses["default"] = {"description": "An error", "content": error}
-            if path not in REQUEST_BODIES:
+            if path in REQUEST_BODIES:
+                schema = refs[(REQUEST_BODIES[path], "validation")]
+            elif path in _VLLM_BODIES:
+                schema = _VLLM_BODIES[path]
+            else:
                 continue
-            model = REQUEST_BODIES[path]
             operation["requestBody"] = {
                 "required": True,
-                "content": {"application/json": {"schema": refs[(model, "validation")]}},
+                "content": {"application/json": {"schema": schema}},
             }
             ok = responses.setdefault("200", {"description": "Successful Response"})
             ok["content"] = {
