@@ -488,3 +488,19 @@ async def test_responses_bounds_and_refusals_are_named(vllm_server: RunningServe
     with pytest.raises(openai.BadRequestError) as upstream:
         await api.responses.create(model=SERVED, input="hi")
     assert upstream.value.param == "model"
+
+
+async def test_an_image_for_a_text_only_model_is_a_400_not_a_silent_drop(
+    vllm_server: RunningServer,
+) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client(vllm_server).chat.completions.create(
+            model=MODEL,
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is it?"}, image]}
+            ],
+            max_tokens=5,
+        )
+    assert refused.value.status_code == 400
+    assert "not a multimodal model" in refused.value.message  # vLLM's own refusal, relayed
