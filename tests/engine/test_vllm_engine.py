@@ -23,6 +23,7 @@ from llmserve.config import Settings, VllmModel
 from llmserve.engines.vllm_engine import VllmEngine
 from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
+from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
 from tests.routing.helpers import wait_ready
@@ -264,25 +265,6 @@ async def test_requests_are_routed_by_model_name_to_each_engine(
 
 
 # --- vLLM's OpenAI layer in process: the fields vLLM serves reach it with vLLM's meaning ---
-
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-}
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 async def test_json_schema_output_validates(vllm_server: RunningServer) -> None:
