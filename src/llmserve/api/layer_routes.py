@@ -39,6 +39,7 @@ from llmserve.serving.layer_gate import LayerGate
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.validation.request import RequestKind
+from llmserve.validation.validate import check_message_count
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +312,8 @@ def _check_limits(wire: Any, limits: Limits, chat: bool) -> None:
     logprobs = wire.top_logprobs if chat else wire.logprobs
     if logprobs is not None and logprobs > limits.max_logprobs:
         raise InvalidRequest(f"{param} must be at most {limits.max_logprobs}", param=param)
-    if chat and len(wire.messages) > limits.max_messages:
-        raise InvalidRequest(
-            f"at most {limits.max_messages} messages are allowed", param="messages"
-        )
+    if chat:
+        check_message_count(len(wire.messages), limits)
     prompt = None if chat else wire.prompt
     if (
         isinstance(prompt, list)

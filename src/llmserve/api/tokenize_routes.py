@@ -16,6 +16,7 @@ from llmserve.api.respond import authorize
 from llmserve.api.state import Gateway, gateway
 from llmserve.engines import vllm_compat
 from llmserve.errors import InvalidRequest
+from llmserve.validation.validate import check_message_count
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]
@@ -58,10 +59,7 @@ async def _serve(
             param="model",
         )
     wire = parse_vllm(vllm_compat.vllm_type(schema), {**body, "model": name})
-    if len(getattr(wire, "messages", None) or ()) > gw.settings.limits.max_messages:
-        raise InvalidRequest(
-            f"at most {gw.settings.limits.max_messages} messages are allowed", param="messages"
-        )
+    check_message_count(len(getattr(wire, "messages", None) or ()), gw.settings.limits)
     try:
         result = await getattr(vllm_compat.tokenization(layer), method)(wire, None)
     except Exception as exc:  # vLLM raises some request errors instead of returning them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 
 from pydantic import BaseModel
@@ -33,11 +34,19 @@ from llmserve.validation.request import (
 _INLINE_TOKENIZE_CHARS = 4096
 
 
+_ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen", "responses": "resp"}
+
+
 def new_request_id(kind: RequestKind) -> str:
-    prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen", "responses": "resp"}[
-        kind
-    ]
-    return f"{prefix}-{os.urandom(16).hex()}"
+    return f"{_ID_PREFIXES[kind]}-{os.urandom(16).hex()}"
+
+
+def check_message_count(count: int, limits: Limits) -> None:
+    """A conversation's length bound, the same for every route that takes messages."""
+    if count > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} messages are allowed", param="messages"
+        )
 
 
 async def validate_chat(
@@ -50,10 +59,7 @@ async def validate_chat(
         _refuse_unmodelled(wire)
         if wire.tools:
             raise InvalidRequest("tool calling is not supported by this model", param="tools")
-    if len(wire.messages) > limits.max_messages:
-        raise InvalidRequest(
-            f"at most {limits.max_messages} messages are allowed", param="messages"
-        )
+    check_message_count(len(wire.messages), limits)
     messages = tuple(_chat_message(m) for m in wire.messages)
     prompt = codec.render_chat(messages)
     logprobs = None
@@ -203,37 +209,33 @@ def _chat_message(message: WireMessage) -> ChatMessage:
 
 def _refuse_unmodelled(wire: ChatCompletionRequest | CompletionRequest) -> None:
     """A field llmserve's own engines would not honour is refused, never ignored."""
-    found = _first_unmodelled(wire)
+    found = next(_unmodelled(wire), None)
     if found is not None:
         param, what, code = found
         raise InvalidRequest(f"{what} is not served by this model", param=param, code=code)
 
 
-def _first_unmodelled(
-    wire: ChatCompletionRequest | CompletionRequest,
-) -> tuple[str, str, str] | None:
-    """(param, what, code) of the first part of the body that this schema does not model."""
-
-    def extra(model: BaseModel, where: str) -> tuple[str, str, str] | None:
-        for name in model.model_extra or ():
-            return f"{where}{name[:64]}", f"the field '{name[:64]}'", "unknown_field"
-        return None
-
-    found = extra(wire, "")
-    if found is None and wire.stream_options is not None:
-        found = extra(wire.stream_options, "stream_options.")
-    messages = wire.messages if isinstance(wire, ChatCompletionRequest) else []
-    for i, message in enumerate(messages):
-        found = found or extra(message, f"messages[{i}].")
+def _unmodelled(wire: ChatCompletionRequest | CompletionRequest) -> Iterator[tuple[str, str, str]]:
+    """(param, what, code) of each part of the body this schema does not model, in body
+    order."""
+    yield from _extras(wire, "")
+    if wire.stream_options is not None:
+        yield from _extras(wire.stream_options, "stream_options.")
+    if not isinstance(wire, ChatCompletionRequest):
+        return
+    for i, message in enumerate(wire.messages):
+        yield from _extras(message, f"messages[{i}].")
         parts = message.content if isinstance(message.content, list) else []
         for j, part in enumerate(parts):
-            if found is not None:
-                return found
+            where = f"messages[{i}].content[{j}]"
             if part.type != "text" or part.text is None:
-                what = f"a content part of type '{part.type}'"
-                return f"messages[{i}].content[{j}]", what, "unsupported_content"
-            found = extra(part, f"messages[{i}].content[{j}].")
-    return found
+                yield where, f"a content part of type '{part.type}'", "unsupported_content"
+            yield from _extras(part, f"{where}.")
+
+
+def _extras(model: BaseModel, where: str) -> Iterator[tuple[str, str, str]]:
+    for name in model.model_extra or ():
+        yield f"{where}{name[:64]}", f"the field '{name[:64]}'", "unknown_field"
 
 
 def _check_unsupported(wire: SamplingFields) -> None:
