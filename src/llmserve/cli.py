@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from llmserve.auth import cli as keys_cli
-from llmserve.config import load_settings
+from llmserve.config import EMBEDDED_MODEL_NAME, Settings, VllmModel, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         help="switch API keys off (the server warns loudly at start)",
     )
     prepare = commands.add_parser(
-        "prepare-model", help="prepare the embedded default model into the cache, then exit"
+        "prepare-model",
+        help="prepare the embedded models the configuration serves into the cache, then exit",
     )
     prepare.add_argument("--config", type=Path, help="YAML configuration file (for cache_dir)")
     keys_cli.add_parser(commands)
@@ -44,6 +45,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _prepare_models(settings: Settings) -> int:
+    """Every embedded model an in-process model of the configuration names (by default the
+    chat model and the embedding model), so the first ``serve`` starts without preparing."""
+    from llmserve.models import catalog
+
+    names = {m.embedded for m in settings.models if isinstance(m, VllmModel) and m.model is None}
+    for name in sorted(names) or [EMBEDDED_MODEL_NAME]:
+        print(catalog.prepare(name, settings.cache_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -54,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return keys_cli.run(args, args.keys_file or settings.keys_path)
     if args.command == "prepare-model":
-        from llmserve.models.embedded import ensure_embedded_model
-
-        print(ensure_embedded_model(settings.cache_dir))
-        return 0
+        return _prepare_models(settings)
     from llmserve.server import serve
 
     return serve(settings)

@@ -17,7 +17,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+EmbeddedName = Literal["smollm2-135m-instruct", "all-minilm-l6-v2"]
+EMBEDDED_MODEL_NAME: EmbeddedName = "smollm2-135m-instruct"
+# The embedding model served beside it by default (models/catalog.py has both).
+EMBEDDED_EMBEDDING_NAME: EmbeddedName = "all-minilm-l6-v2"
 
 
 def _http_url(value: str) -> str:
@@ -55,14 +58,16 @@ class VllmModel(_Model):
 
     engine: Literal["vllm"] = "vllm"
     name: str = EMBEDDED_MODEL_NAME
-    # A local folder or a Hugging Face name; None means the embedded default, prepared on first use.
+    # A local folder or a Hugging Face name; None means the embedded model named by ``embedded``,
+    # prepared on first use.
     model: str | None = None
+    embedded: EmbeddedName = EMBEDDED_MODEL_NAME
     # Passed verbatim to vllm.AsyncEngineArgs (tensor_parallel_size, max_model_len, dtype, ...).
     engine_args: dict[str, Any] = Field(default_factory=dict)
     # CPU builds of vLLM reserve this much host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0)
-    # The `vllm serve` knobs of vLLM's OpenAI layer, with their flags' meaning. None for the
-    # embedded default means its own choice: SmolLM2 with vLLM's xlam tool parser.
+    # The `vllm serve` knobs of vLLM's OpenAI layer, with their flags' meaning. None for an
+    # embedded model means its own choice: SmolLM2 with vLLM's xlam tool parser.
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool | None = None
     reasoning_parser: str | None = None
@@ -198,8 +203,12 @@ ModelConfig = Annotated[
 ]
 
 
-def _embedded() -> ModelConfig:
-    return VllmModel()
+def _embedded() -> list[ModelConfig]:
+    """No models configured: the embedded chat model, and the embedding model beside it."""
+    return [
+        VllmModel(),
+        VllmModel(name=EMBEDDED_EMBEDDING_NAME, embedded=EMBEDDED_EMBEDDING_NAME),
+    ]
 
 
 class Limits(_Strict):
@@ -213,6 +222,8 @@ class Limits(_Strict):
     max_stop_sequence_chars: int = Field(default=256, gt=0)
     max_logprobs: int = Field(default=20, ge=0)
     max_messages: int = Field(default=1024, gt=0)
+    # Inputs in one embeddings request (OpenAI's own bound is 2048).
+    max_embedding_inputs: int = Field(default=2048, gt=0)
     # Requests longer than this (seconds, queue and generation together) end with a timeout error.
     request_timeout_s: float = Field(default=600.0, gt=0)
     # Slow or oversized request heads and bodies (slowloris): 431 over the size, 408 over the time.
@@ -274,7 +285,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Where prepared models are cached (the embedded default among them).
     cache_dir: Path = Path.home() / ".cache" / "llmserve"
-    models: list[ModelConfig] = Field(default_factory=lambda: [_embedded()], min_length=1)
+    models: list[ModelConfig] = Field(default_factory=_embedded, min_length=1)
     limits: Limits = Limits()
     # A streaming request still waiting for its first event after this long (in the queue, or
     # in a long prefill) gets its stream opened and an SSE comment every interval, so proxies

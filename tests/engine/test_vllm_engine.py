@@ -398,7 +398,7 @@ async def test_unknown_fields_and_beam_search_are_refused_by_name(
     assert too_many.value.param == "max_tokens"
 
 
-# --- /tokenize and /detokenize: vLLM's own, for in-process models ---------------------------
+# --- /tokenize and /detokenize: vLLM's own, in process and behind the gateway -----------------
 
 
 async def test_tokenize_counts_as_the_chat_request_does_and_detokenize_inverts_it(
@@ -422,9 +422,13 @@ async def test_tokenize_counts_as_the_chat_request_does_and_detokenize_inverts_i
         unknown = await http.post("/tokenize", json={"model": MODEL, "prompt": "x", "nope": 1})
         assert unknown.status_code == 400
         assert unknown.json()["error"]["param"] == "nope"
-        upstream = await http.post("/tokenize", json={"model": SERVED, "prompt": "x"})
-        assert upstream.status_code == 400  # no exact tokenizer in the gateway for it
-        assert upstream.json()["error"]["param"] == "model"
+        # `vllm serve` behind the gateway is asked itself: the same model, the same tokens.
+        served = await http.post("/tokenize", json={"model": SERVED, "messages": QUESTION})
+        assert served.status_code == 200, served.text
+        assert served.json()["tokens"] == chat.json()["tokens"]
+        assert served.json()["max_model_len"] == 8192  # its own context (tests/engine/served.py)
+        served_back = await http.post("/detokenize", json={"model": SERVED, "tokens": ids})
+        assert served_back.json()["prompt"] == "Hello world"
         missing = await http.post("/detokenize", json={"model": "no-such", "tokens": [1]})
         assert missing.status_code == 404
 
@@ -486,3 +490,9 @@ async def test_an_image_for_a_text_only_model_is_a_400_not_a_silent_drop(
         )
     assert refused.value.status_code == 400
     assert "not a multimodal model" in refused.value.message  # vLLM's own refusal, relayed
+
+
+async def test_a_chat_model_refuses_embeddings_by_name(vllm_server: RunningServer) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client(vllm_server).embeddings.create(model=MODEL, input="hello")
+    assert refused.value.param == "model" and refused.value.code == "unsupported_model"

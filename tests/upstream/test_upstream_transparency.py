@@ -253,3 +253,92 @@ async def test_messages_the_engine_cannot_render_are_refused_by_name(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (error["param"], error["code"]) == (param, code)
+
+
+# --- /v1/embeddings: forwarded whole, answered whole ------------------------------------------
+
+EMBEDDINGS_ANSWER = {
+    "id": "embd-up",
+    "object": "list",
+    "created": 7,
+    "model": "sim",
+    "data": [
+        {"index": 0, "object": "embedding", "embedding": [0.6, 0.8]},
+        {"index": 1, "object": "embedding", "embedding": "AACAPwAAAAA="},
+    ],
+    "usage": {"prompt_tokens": 9, "total_tokens": 9, "completion_tokens": 0},
+    "system_fingerprint": "fp-up",  # a field llmserve does not model
+}
+
+
+async def embeddings(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+    assert request.path == "/v1/embeddings"
+    return web.json_response(EMBEDDINGS_ANSWER)
+
+
+async def test_an_embeddings_request_reaches_the_upstream_whole_and_its_answer_the_client() -> None:
+    sent_body = {
+        "model": "up",
+        "input": ["first text", "second text"],
+        "encoding_format": "float",
+        "dimensions": 2,
+        "truncate_prompt_tokens": 16,  # vLLM's own
+        "priority": 3,
+        "user": "u1",
+    }
+    async with (
+        gateway_before(embeddings) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        before = prompt_tokens((await http.get("/metrics")).text)
+        r = await http.post("/v1/embeddings", json=sent_body)
+        after = prompt_tokens((await http.get("/metrics")).text)
+    assert r.status_code == 200, r.text
+    [sent] = fake.requests
+    expected = {k: v for k, v in sent_body.items() if k != "priority"}  # the queue's, kept
+    assert sent == {**expected, "model": "sim"}  # nothing streamed, nothing else changed
+    answer = r.json()
+    assert answer["data"] == EMBEDDINGS_ANSWER["data"]
+    assert answer["system_fingerprint"] == "fp-up"
+    assert answer["usage"] == EMBEDDINGS_ANSWER["usage"]
+    assert answer["model"] == "up" and answer["id"].startswith("embd-")
+    assert answer["id"] != "embd-up"  # llmserve's id, as for every response
+    assert after - before == 9  # counted with the upstream's own token count
+
+
+def prompt_tokens(metrics: str) -> float:
+    series = 'llmserve_prompt_tokens_total{key="anonymous",model="up"} '
+    lines = [line for line in metrics.splitlines() if line.startswith(series)]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+async def test_embeddings_errors_of_the_upstream_and_bounds_are_named() -> None:
+    async def refuse(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+        error = {"message": "dimensions not supported", "type": "BadRequestError", "param": None}
+        return web.json_response({"error": {**error, "code": 400}}, status=400)
+
+    async with (
+        gateway_before(refuse) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        refused = await http.post("/v1/embeddings", json={"model": "up", "input": "x"})
+        missing = await http.post("/v1/embeddings", json={"model": "up"})
+        many = await http.post("/v1/embeddings", json={"model": "up", "input": ["x"] * 2049})
+        simulated = await http.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    assert refused.status_code == 400
+    assert "dimensions not supported" in refused.json()["error"]["message"]
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "input"
+    assert many.status_code == 400 and many.json()["error"]["param"] == "input"
+    assert simulated.status_code == 404
+    assert len(fake.requests) == 1  # only the valid one was sent
+
+
+async def test_a_simulated_model_refuses_embeddings_by_name() -> None:
+    async with (
+        serve(simulated_settings()) as a,
+        httpx.AsyncClient(base_url=a.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/embeddings", json={"model": "sim", "input": "x"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "model"
+    assert r.json()["error"]["code"] == "unsupported_model"

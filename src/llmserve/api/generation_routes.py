@@ -1,5 +1,5 @@
-"""The generation routes, /v1/chat/completions, /v1/completions and /generate, as raw ASGI
-endpoints.
+"""The generation routes, /v1/chat/completions, /v1/completions, /v1/responses,
+/v1/embeddings and /generate, as raw ASGI endpoints.
 
 Why not FastAPI routes like the others: these are the hot path, and FastAPI's per-request
 machinery (dependency solving, the Request/Response wrappers, the tasks of a streaming response)
@@ -22,7 +22,12 @@ from starlette.types import Receive, Scope, Send
 
 from llmserve.api import layer_routes
 from llmserve.api.body import load_json, parse_json
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    GenerateRequest,
+)
 from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
 from llmserve.config import Limits
@@ -34,7 +39,12 @@ from llmserve.streaming.encoders import (
     StreamEncoder,
 )
 from llmserve.validation.request import GenerationRequest, RequestKind
-from llmserve.validation.validate import validate_chat, validate_completion, validate_generate
+from llmserve.validation.validate import (
+    validate_chat,
+    validate_completion,
+    validate_embeddings,
+    validate_generate,
+)
 
 # What a route makes of its body: the validated request, and how to stream it (None: whole).
 Prepared = tuple[GenerationRequest, StreamEncoder | None]
@@ -121,6 +131,26 @@ async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
     return generation, GenerateStreamEncoder()
 
 
+async def _embeddings(request: Request, gw: Gateway, raw: bytes) -> Prepared:
+    """Reached when vLLM's layer did not serve it: an upstream or managed ``vllm serve``
+    gets the client's body, counted and queued like any request; other engines cannot."""
+    body = parse_json(EmbeddingsRequest, raw)
+    name = gw.models.canonical(body.model)
+    authorize(request, body.model, name)
+    if not gw.models.forwards_body(name):
+        raise InvalidRequest(
+            f"the model '{body.model[:256]}' does not serve embeddings: they come from "
+            "embedding models in process (engine: vllm) or behind an OpenAI server "
+            "(engine: openai, managed)",
+            param="model",
+            code="unsupported_model",
+        )
+    if name != body.model:
+        body = body.model_copy(update={"model": name})
+    codec = gw.models.get(name).codec
+    return await validate_embeddings(body, codec, gw.settings.limits), None
+
+
 async def _responses(request: Request, gw: Gateway, raw: bytes) -> Prepared:
     """Reached only when vLLM's layer did not serve the request: say why, by name."""
     data = load_json(raw)
@@ -137,6 +167,7 @@ async def _responses(request: Request, gw: Gateway, raw: bytes) -> Prepared:
 
 
 ROUTES = [
+    Route("/v1/embeddings", GenerationRoute(_embeddings, layer="embeddings"), methods=["POST"]),
     Route("/v1/responses", GenerationRoute(_responses, layer="responses"), methods=["POST"]),
     Route(
         "/v1/chat/completions",

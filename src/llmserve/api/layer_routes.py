@@ -1,4 +1,5 @@
-"""Chat and completions for in-process models, served by vLLM's own OpenAI layer.
+"""Chat, completions, Responses and embeddings for in-process models, served by vLLM's own
+OpenAI layer.
 
 The body is vLLM's request type, so every field has `vllm serve`'s meaning (tools, structured
 outputs, echo, prompt logprobs, several prompts, token-id prompts, every sampling extra). A
@@ -17,7 +18,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Send
@@ -75,6 +76,21 @@ _SCHEMAS = {
     "chat": "ChatCompletionRequest",
     "completion": "CompletionRequest",
     "responses": "ResponsesRequest",
+    "embeddings": "EmbeddingRequest",
+}
+# The layer's serving object of each kind (None on a model that cannot serve it: a pooling
+# model has no chat, a generative one no embeddings) and the id prefix of its requests.
+_SERVING = {
+    "chat": ("openai_serving_chat", "chatcmpl"),
+    "completion": ("openai_serving_completion", "cmpl"),
+    "responses": ("openai_serving_responses", "resp"),
+    "embeddings": ("serving_embedding", "embd"),
+}
+_WHAT = {
+    "chat": "chat completions",
+    "completion": "completions",
+    "responses": "the Responses API",
+    "embeddings": "embeddings",
 }
 
 
@@ -86,15 +102,19 @@ async def serve(
     body: dict[str, Any],
     kind: RequestKind,
 ) -> None:
+    serving = _serving(engine.layer, kind, body["model"])
     wire = parse_vllm(vllm_compat.vllm_type(_SCHEMAS[kind]), body)
     if kind == "responses":
         _check_responses_limits(wire, gw.settings.limits)
         # vLLM's own id ("resp_..."), the one its engine requests are named after.
         gate_id = wire.request_id
     else:
-        _check_limits(wire, gw.settings.limits, kind == "chat")
+        if kind == "embeddings":
+            _check_embedding_limits(wire, gw.settings.limits)
+        else:
+            _check_limits(wire, gw.settings.limits, kind == "chat")
         wire.request_id = os.urandom(16).hex()
-        gate_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{wire.request_id}"
+        gate_id = f"{_SERVING[kind][1]}-{wire.request_id}"
     gate = LayerGate(
         request,
         gw,
@@ -109,23 +129,27 @@ async def serve(
     result: Any = None
     try:
         with DisconnectWatch(request.receive) as watch:
-            result = await _create(engine.layer, wire, kind)
+            result = await _create(serving, wire, kind)
             if watch.gone:  # vLLM answered the cancellation with an error response of its own
                 raise ClientDisconnected("the client disconnected")
             if gate.error is not None:
                 raise gate.error
             if isinstance(result, vllm_compat.error_response()):
                 raise rejected(result)
-            if isinstance(result, BaseModel):
+            if isinstance(result, BaseModel | Response):
                 completed = True
                 await gate.close(completed=True)
                 opened = True
-                response = Response(
-                    result.model_dump_json(by_alias=kind == "responses"),
-                    200,
-                    gate.headers,
-                    media_type="application/json",
-                )
+                if isinstance(result, Response):  # embeddings: vLLM's own response, as it is
+                    response = result
+                    response.headers.update(gate.headers)
+                else:
+                    response = Response(
+                        result.model_dump_json(by_alias=kind == "responses"),
+                        200,
+                        gate.headers,
+                        media_type="application/json",
+                    )
                 await response(request.scope, request.receive, send)
             else:
                 # 429 / 503 before the stream's first byte, unless the queue holds it past the
@@ -162,16 +186,30 @@ async def serve(
         raise ClientDisconnected("the client disconnected")
 
 
-async def _create(layer: Any, wire: Any, kind: RequestKind) -> Any:
+def _serving(layer: Any, kind: RequestKind, model: str) -> Any:
+    serving = getattr(layer, _SERVING[kind][0], None)
+    if serving is None:
+        raise InvalidRequest(
+            f"the model '{model[:256]}' does not serve {_WHAT[kind]}: "
+            + ("it is not an embedding model" if kind == "embeddings" else "it is a pooling model"),
+            param="model",
+            code="unsupported_model",
+        )
+    return serving
+
+
+async def _create(serving: Any, wire: Any, kind: RequestKind) -> Any:
     try:
         if kind == "chat":
-            return await layer.openai_serving_chat.create_chat_completion(wire, None)
+            return await serving.create_chat_completion(wire, None)
         if kind == "responses":
-            result = await layer.openai_serving_responses.create_responses(wire, None)
+            result = await serving.create_responses(wire, None)
             if isinstance(result, AsyncGenerator):
                 return _responses_sse(result)
             return result
-        return await layer.openai_serving_completion.create_completion(wire, None)
+        if kind == "embeddings":  # a Response, or an exception for a bad request
+            return await serving(wire, None)
+        return await serving.create_completion(wire, None)
     except LLMServeError:
         raise
     except Exception as exc:  # vLLM raises some request errors instead of returning them
@@ -228,7 +266,33 @@ async def _end(send: Send, frames: list[bytes]) -> None:
         await send({"type": "http.response.body", "body": b"".join(frames), "more_body": False})
 
 
-def parse_vllm(schema: type[BaseModel], body: dict[str, Any]) -> Any:
+def parse_vllm(schema: Any, body: dict[str, Any]) -> Any:
+    """``body`` as vLLM's request type ``schema``: one model class, or a union of them
+    (embeddings: text, one chat, batches of chats), whose chosen member decides which fields
+    are known. A field the type does not know is refused: vLLM would accept and ignore it."""
+    model = isinstance(schema, type) and issubclass(schema, BaseModel)
+    if model:
+        _refuse_unknown(schema, body)
+    try:
+        wire = schema.model_validate(body) if model else _adapter(schema).validate_python(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+    _refuse_unknown(type(wire), body)
+    return wire
+
+
+_ADAPTERS: dict[int, TypeAdapter[Any]] = {}
+
+
+def _adapter(schema: Any) -> TypeAdapter[Any]:
+    """One TypeAdapter per union type: building one costs milliseconds."""
+    adapter = _ADAPTERS.get(id(schema))
+    if adapter is None:
+        adapter = _ADAPTERS[id(schema)] = TypeAdapter(schema)
+    return adapter
+
+
+def _refuse_unknown(schema: type[BaseModel], body: dict[str, Any]) -> None:
     names = set()
     for name, field in schema.model_fields.items():
         names.add(name)
@@ -241,10 +305,6 @@ def parse_vllm(schema: type[BaseModel], body: dict[str, Any]) -> Any:
             param=unknown[0][:64],
             code="unknown_field",
         )
-    try:
-        return schema.model_validate(body)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 async def _responses_sse(events: AsyncGenerator[Any, None]) -> AsyncGenerator[str, None]:
@@ -278,6 +338,25 @@ def _check_responses_limits(wire: Any, limits: Limits) -> None:
     if top is not None and top > limits.max_logprobs:
         raise InvalidRequest(
             f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
+        )
+
+
+def _check_embedding_limits(wire: Any, limits: Limits) -> None:
+    """The number of inputs (texts, token-id lists or conversations); their length is vLLM's
+    to bound (the model's context, or ``truncate_prompt_tokens``)."""
+    inputs = getattr(wire, "messages", None)
+    if inputs is not None and inputs and isinstance(inputs[0], list):
+        param, count = "messages", len(inputs)  # a batch of conversations
+    elif inputs is not None:
+        check_message_count(len(inputs), limits)
+        return
+    else:
+        raw = wire.input
+        param = "input"
+        count = len(raw) if isinstance(raw, list) and raw and not isinstance(raw[0], int) else 1
+    if count > limits.max_embedding_inputs:
+        raise InvalidRequest(
+            f"at most {limits.max_embedding_inputs} inputs per embeddings request", param=param
         )
 
 

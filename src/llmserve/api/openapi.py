@@ -16,11 +16,17 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    GenerateRequest,
+)
 
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingsRequest,
     "/generate": GenerateRequest,
 }
 # (summary, operationId) of each generation route, as FastAPI would have named them.
@@ -29,6 +35,7 @@ _OPERATIONS = {
     "/v1/completions": ("Completions", "completions_v1_completions_post"),
     "/generate": ("Generate", "generate_generate_post"),
     "/v1/responses": ("Responses", "responses_v1_responses_post"),
+    "/v1/embeddings": ("Embeddings", "embeddings_v1_embeddings_post"),
 }
 # Served by vLLM's own request types (in-process models), which the gateway alone does not
 # import: described by what they require.

@@ -74,6 +74,17 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
+class EmbeddingsRequest(_Wire):
+    """What llmserve reads of an embeddings request to an engine that forwards it: the model,
+    and the inputs it counts for the quota (texts, token ids, or vLLM's chat ``messages``)."""
+
+    model: str = Field(max_length=256)
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[WireMessage] | list[list[WireMessage]] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
 class GenerateRequest(BaseModel):
     """The simple streaming endpoint of the original design: prompt in, one event per token out."""
 

@@ -1,6 +1,7 @@
-"""``/tokenize`` and ``/detokenize``, as `vllm serve` answers them, for in-process models:
-vLLM's own tokenization serving object renders (chat template, tools) and counts. Other engine
-kinds do not serve them: llmserve only estimates their tokens, and an estimate is no answer."""
+"""``/tokenize`` and ``/detokenize``, as `vllm serve` answers them: for in-process models,
+vLLM's own tokenization serving object renders (chat template, tools) and counts; upstream and
+managed models are asked themselves (one healthy replica). The simulated engine does not serve
+them: its tokenizer is no model's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from llmserve.api.respond import authorize
 from llmserve.api.state import Gateway, gateway
 from llmserve.engines import vllm_compat
 from llmserve.errors import InvalidRequest
+from llmserve.routing.replicated import ReplicatedEngine
 from llmserve.validation.validate import check_message_count
 
 router = APIRouter()
@@ -51,11 +53,16 @@ async def _serve(
         raise InvalidRequest("model must be a string", param="model")
     name = gw.models.canonical(requested)
     authorize(request, requested, name)
-    layer = getattr(gw.models.get(name), "layer", None)
+    engine = gw.models.get(name)
+    layer = getattr(engine, "layer", None)
+    if layer is None and isinstance(engine, ReplicatedEngine) and gw.models.forwards_body(name):
+        # `vllm serve` behind the gateway tokenizes with its own tokenizer: asked as it is.
+        answer = await engine.post_json(request.url.path.lstrip("/"), {**body, "model": name})
+        return Response(answer, 200, media_type="application/json")
     if layer is None:
         raise InvalidRequest(
-            f"the model '{requested[:256]}' does not serve {request.url.path}: only in-process "
-            "models (engine: vllm) have their exact tokenizer in the gateway",
+            f"the model '{requested[:256]}' does not serve {request.url.path}: it is served by "
+            "in-process models (engine: vllm) and OpenAI servers behind the gateway",
             param="model",
         )
     wire = parse_vllm(vllm_compat.vllm_type(schema), {**body, "model": name})

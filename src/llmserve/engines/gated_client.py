@@ -30,7 +30,8 @@ CURRENT_GATE: contextvars.ContextVar[Gate | None] = contextvars.ContextVar(
 
 
 class GatedEngineClient:
-    """The AsyncLLM with llmserve's gate in front of ``generate``."""
+    """The AsyncLLM with llmserve's gate in front of ``generate`` and ``encode`` (pooling:
+    embeddings)."""
 
     def __init__(self, llm: Any, priority_policy: bool, on_dead: Callable[[], None]) -> None:
         self._llm = llm
@@ -43,25 +44,35 @@ class GatedEngineClient:
     def generate(
         self, prompt: Any, sampling_params: Any, request_id: str, **kwargs: Any
     ) -> AsyncGenerator[Any, None]:
+        return self._gated(self._llm.generate, prompt, sampling_params, request_id, kwargs)
+
+    def encode(
+        self, prompt: Any, pooling_params: Any, request_id: str, **kwargs: Any
+    ) -> AsyncGenerator[Any, None]:
+        return self._gated(self._llm.encode, prompt, pooling_params, request_id, kwargs)
+
+    def _gated(
+        self, run: Any, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
+    ) -> AsyncGenerator[Any, None]:
         if not self._priority_policy:
             # llmserve's queue honours the priority; vLLM refuses one unless configured for it.
             kwargs.pop("priority", None)
 
         def start() -> AsyncGenerator[Any, None]:
-            return self._outputs(prompt, sampling_params, request_id, kwargs)
+            return self._outputs(run, prompt, params, request_id, kwargs)
 
         gate = CURRENT_GATE.get()
         if gate is None:  # not one of llmserve's requests (vLLM's own warm-up, say)
             return start()
-        return gate.enter(request_id, _prompt_tokens(prompt), sampling_params, start)
+        return gate.enter(request_id, _prompt_tokens(prompt), params, start)
 
     async def _outputs(
-        self, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
+        self, run: Any, prompt: Any, params: Any, request_id: str, kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, None]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
-            async for output in self._llm.generate(prompt, params, request_id, **kwargs):
+            async for output in run(prompt, params, request_id, **kwargs):
                 yield output
         except EngineDeadError as exc:
             # The engine core died (killed, OOM, a GPU fault): replaced in the background.

@@ -22,6 +22,7 @@ import socket
 import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import Any
 
 from llmserve.config import ManagedModel
 from llmserve.engines.events import EngineEvent
@@ -74,6 +75,9 @@ class ManagedServer:
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         return self._upstream.generate(request)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> bytes:
+        return await self._upstream.post_json(path, body)
 
     async def abort(self, request_id: str) -> None:
         await self._upstream.abort(request_id)

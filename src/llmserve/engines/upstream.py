@@ -122,25 +122,15 @@ class UpstreamEngine:
         return self._session
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        if request.kind == "embeddings":
+            async for event in self._embeddings(request):
+                yield event
+            return
         chat = request.messages is not None
         path = "v1/chat/completions" if chat else "v1/completions"
         # One deadline for the first token, whatever arrives before it (headers, keep-alives).
         first_token_by = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
-        try:
-            async with asyncio.timeout_at(first_token_by):
-                response = await self._post(path, request)
-        except aiohttp.ServerTimeoutError as exc:  # a connect timeout (also a TimeoutError)
-            raise EngineTimeout(
-                "the upstream engine did not accept the connection in time",
-                code="upstream_connect_timeout",
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise EngineUnavailable(
-                f"the upstream engine is unreachable ({type(exc).__name__})",
-                code="upstream_unreachable",
-            ) from exc
-        except TimeoutError as exc:
-            raise _no_token(started=False) from exc
+        response = await self._connect(path, request, first_token_by)
         self._open[request.request_id] = response
         loop = asyncio.get_running_loop()
         silence = _Silence(loop, first_token_by, response)
@@ -204,6 +194,53 @@ class UpstreamEngine:
             else:
                 response.close()
 
+    async def _connect(
+        self, path: str, request: GenerationRequest, deadline: float
+    ) -> aiohttp.ClientResponse:
+        """The upstream's response head, with every way of not getting one named by its code."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._post(path, request)
+        except aiohttp.ServerTimeoutError as exc:  # a connect timeout (also a TimeoutError)
+            raise EngineTimeout(
+                "the upstream engine did not accept the connection in time",
+                code="upstream_connect_timeout",
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineUnavailable(
+                f"the upstream engine is unreachable ({type(exc).__name__})",
+                code="upstream_unreachable",
+            ) from exc
+        except TimeoutError as exc:
+            raise _no_token(started=False) from exc
+
+    async def _embeddings(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        """A whole (unstreamed) embeddings answer, as one usage event carrying its body. The
+        first-token timeout bounds the whole answer: it is the first and only event."""
+        deadline = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
+        response = await self._connect("v1/embeddings", request, deadline)
+        self._open[request.request_id] = response
+        read = False
+        try:
+            if response.status != 200:
+                raise await _upstream_error(response, self._secret)
+            async with asyncio.timeout_at(deadline):
+                raw = await response.read()
+            read = True
+        except TimeoutError as exc:
+            raise _no_token(started=False) from exc
+        except aiohttp.ClientError as exc:
+            raise EngineFailure(
+                f"the upstream answer broke ({type(exc).__name__})", code="upstream_broken_stream"
+            ) from exc
+        finally:
+            self._open.pop(request.request_id, None)
+            if read:
+                response.release()  # kept alive for the next request
+            else:
+                response.close()
+        yield _embeddings_event(raw)
+
     async def _post(self, path: str, request: GenerationRequest) -> aiohttp.ClientResponse:
         body, headers = self._body(request), dict(request.trace_headers)
         try:
@@ -217,6 +254,11 @@ class UpstreamEngine:
             return await self._client().post(path, json=body, headers=headers)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        if request.kind == "embeddings":  # answered whole: nothing to stream
+            assert request.body is not None
+            sent = {k: v for k, v in request.body.items() if k != "priority"}
+            sent["model"] = self._model
+            return sent
         if request.body is not None:
             # The client's own request, every field as sent: the upstream gives each one its
             # meaning (tools, response_format, min_tokens, content parts, chat_template_kwargs,
@@ -257,6 +299,30 @@ class UpstreamEngine:
             if s.logprobs is not None:
                 body["logprobs"] = s.logprobs
         return body
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> bytes:
+        """One whole JSON call that is no generation (``tokenize``, ``detokenize``): the
+        client's body with the upstream's model name, the upstream's answer as it came. The
+        first-token timeout bounds it; failures carry the codes failover reads."""
+        sent = {**body, "model": self._model} if "model" in body else dict(body)
+        deadline = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with self._client().post(path, json=sent) as response:
+                    if response.status == 404:  # not a server that has it: not its failure
+                        raise InvalidRequest(
+                            f"the upstream engine does not serve /{path}", param="model"
+                        )
+                    if response.status != 200:
+                        raise await _upstream_error(response, self._secret)
+                    return await response.read()
+        except aiohttp.ClientError as exc:
+            raise EngineUnavailable(
+                f"the upstream engine is unreachable ({type(exc).__name__})",
+                code="upstream_unreachable",
+            ) from exc
+        except TimeoutError as exc:
+            raise _no_token(started=False) from exc
 
     async def abort(self, request_id: str) -> None:
         response = self._open.pop(request_id, None)
@@ -314,6 +380,25 @@ class _Silence:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def _embeddings_event(raw: bytes) -> UsageReport:
+    """An upstream's embeddings answer: its counts, and its body (data, object, created, ...)
+    as the fields that carried them; llmserve sets the id and the model name."""
+    try:
+        body = orjson.loads(raw)
+        usage = body["usage"]
+        prompt = int(usage["prompt_tokens"])
+        if prompt < 0 or not isinstance(body.get("data"), list):
+            raise ValueError("no embeddings")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EngineFailure(
+            f"the upstream engine sent a malformed answer ({type(exc).__name__})",
+            code="upstream_malformed",
+        ) from exc
+    details = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
+    fields = {k: v for k, v in body.items() if k not in ("id", "model", "usage")}
+    return UsageReport(prompt, 0, details or None, fields)
 
 
 def _redact(text: str, secret: str | None) -> str:

@@ -55,6 +55,11 @@ _TYPES: dict[str, tuple[str, ...]] = {
         "vllm.entrypoints.openai.responses.protocol",
         "vllm.entrypoints.openai.protocol",
     ),
+    # A union of the text, chat and batch request types (an Annotated alias, not a class).
+    "EmbeddingRequest": (
+        "vllm.entrypoints.pooling.embed.protocol",
+        "vllm.entrypoints.openai.protocol",
+    ),
     "TokenizeCompletionRequest": (
         "vllm.entrypoints.serve.tokenize.protocol",
         "vllm.entrypoints.openai.protocol",

@@ -25,7 +25,7 @@ from llmserve.engines.events import (
 )
 from llmserve.engines.gated_client import GatedEngineClient
 from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
-from llmserve.models.embedded import ensure_embedded_model
+from llmserve.models import catalog
 from llmserve.observability import metrics as prom
 from llmserve.validation.request import ChatMessage, GenerationRequest, SamplingOptions
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 # Measured on the 2-core CPU host: fp32 + eager loads in ~35 s; bf16 + compilation took ~210 s.
 _CPU_DEFAULTS: Mapping[str, Any] = {"dtype": "float32", "enforce_eager": True}
-_EMBEDDED_DEFAULTS: Mapping[str, Any] = {"max_model_len": 4096}
 
 
 class HfCodec:
@@ -124,11 +123,14 @@ class VllmEngine:
     def _server_flags(self, model_path: str) -> list[str]:
         c = self._config
         flags = ["--model", model_path, "--served-model-name", c.name]
-        embedded = c.model is None
-        parser = c.tool_call_parser or ("xlam" if embedded else None)
+        embedded = catalog.EMBEDDED[c.embedded] if c.model is None else None
+        own_parser = embedded.tool_call_parser if embedded is not None else None
+        parser = c.tool_call_parser or own_parser
         if parser:
             flags += ["--tool-call-parser", parser]
-        auto = c.enable_auto_tool_choice if c.enable_auto_tool_choice is not None else embedded
+        auto = c.enable_auto_tool_choice
+        if auto is None:
+            auto = own_parser is not None
         if auto and parser:
             flags.append("--enable-auto-tool-choice")
         if c.reasoning_parser:
@@ -149,15 +151,19 @@ class VllmEngine:
 
     def _engine_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"disable_log_stats": False}
-        if _is_cpu_build():
+        cpu = _is_cpu_build()
+        if cpu:
             # vLLM on CPU reserves this much host memory for KV cache; unset, it refuses to start.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self._config.cpu_kv_cache_gib:g}")
             args.update(_CPU_DEFAULTS)
         if self._config.reasoning_parser:
             args["reasoning_parser"] = self._config.reasoning_parser
         if self._config.model is None:
-            args.update(_EMBEDDED_DEFAULTS)
-            args["model"] = str(ensure_embedded_model(self._cache_dir))
+            embedded = catalog.EMBEDDED[self._config.embedded]
+            args.update(embedded.engine_args)
+            if not cpu:
+                args.update(embedded.gpu_engine_args)
+            args["model"] = str(catalog.prepare(self._config.embedded, self._cache_dir))
         else:
             args["model"] = self._config.model
         # vLLM's own metrics then carry llmserve's model name in their model_name label.

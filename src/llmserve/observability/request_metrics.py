@@ -27,6 +27,7 @@ _OPERATION = {
     "completion": "text_completion",
     "generate": "text_completion",
     "responses": "chat",
+    "embeddings": "embeddings",
 }
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from llmserve.config import HealthConfig, RoutingConfig
 from llmserve.engines.base import Engine, PromptCodec
@@ -53,6 +54,13 @@ class _Ejection:
     count: int = 0
     out_until: float = 0.0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@runtime_checkable
+class JsonCalls(Protocol):
+    """A replica that answers whole JSON calls besides generation (an OpenAI server)."""
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +175,26 @@ class ReplicatedEngine:
                     await events.aclose()
         finally:
             self._aborted.discard(request.request_id)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> bytes:
+        """A whole JSON call to one healthy replica (``tokenize``, ...), tried once more on
+        another when the first fails for a reason of its own; no queue, no quota: it costs
+        the engine no generation."""
+        tried: list[int] = []
+        while True:
+            index = self._balancer.pick(exclude=tried)
+            if index is None:
+                raise self._none_left()
+            tried.append(index)
+            replica = self._replicas[index]
+            if not isinstance(replica, JsonCalls):
+                raise EngineUnavailable(f"model '{self._model}' has no OpenAI server behind it")
+            try:
+                return await replica.post_json(path, body)
+            except _RETRYABLE as exc:
+                self._failed(index, exc)
+                if len(tried) > 1:
+                    raise
 
     def _affinity(self, request: GenerationRequest) -> str | None:
         policy = self._routing.policy

@@ -1,12 +1,13 @@
 """The gate of one HTTP request that vLLM's OpenAI layer serves (in-process models).
 
-vLLM renders the request and calls ``generate`` once per prompt; each call comes here
-(``engines.gated_client``) before anything reaches the engine. The first engine request to
-start, or the route itself for a stream, opens the gate once for all of them: the key's quota is
-reserved for the exact rendered prompt tokens plus max_tokens x n (429 when over it), then a
-queue slot is taken (503 when full, wait and deadline as for every request). Every engine
-request is bounded by the request's deadline and aborted on any early exit; ``close`` gives back
-the slot and the unused quota and records the request, exactly once, whatever happened.
+vLLM renders the request and calls ``generate`` (``encode`` for embeddings) once per prompt;
+each call comes here (``engines.gated_client``) before anything reaches the engine. The first
+engine request to start, or the route itself for a stream, opens the gate once for all of them:
+the key's quota is reserved for the exact rendered prompt tokens plus max_tokens x n (an
+embeddings request: its prompt tokens alone; 429 when over it), then a queue slot is taken (503
+when full, wait and deadline as for every request). Every engine request is bounded by the
+request's deadline and aborted on any early exit; ``close`` gives back the slot and the unused
+quota and records the request, exactly once, whatever happened.
 """
 
 from __future__ import annotations
@@ -112,8 +113,10 @@ class LayerGate:
         params = self._subs[0][1] if self._subs else None
         n = int(getattr(params, "n", 1) or 1)
         max_tokens = sum(int(getattr(p, "max_tokens", 0) or 0) for _, p in self._subs)
+        # Pooling (embeddings) generates nothing: its cost is its prompt tokens alone.
+        pooling = self._kind == "embeddings"
         sampling = SamplingOptions(
-            max_tokens=max(max_tokens // max(n, 1), 1),
+            max_tokens=0 if pooling else max(max_tokens // max(n, 1), 1),
             temperature=getattr(params, "temperature", None),
             top_p=getattr(params, "top_p", None),
             top_k=getattr(params, "top_k", None),
@@ -175,7 +178,7 @@ class LayerGate:
 
     def _observe(self, output: Any) -> None:
         record = self.record
-        if record is None:
+        if record is None or self._kind == "embeddings":  # a pooling output has no tokens
             return
         for choice in output.outputs:
             if choice.token_ids:

@@ -116,6 +116,8 @@ def _with(choice: dict[str, Any], fields: Passthrough | None) -> dict[str, Any]:
 
 
 def full_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
+    if request.kind == "embeddings":
+        return embeddings_response(request, result)
     chat = request.kind == "chat"
     choices = []
     for index, choice in enumerate(result.choices):
@@ -152,6 +154,24 @@ def full_response(request: GenerationRequest, result: Collected) -> dict[str, An
         "usage": counts,
         **result.extra,
     }
+
+
+def embeddings_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
+    """An upstream's embeddings answer, relayed whole under llmserve's id and model name."""
+    counts: dict[str, Any] = {
+        "prompt_tokens": result.prompt_tokens,
+        "total_tokens": result.prompt_tokens,
+    }
+    counts.update(result.usage_details)
+    response: dict[str, Any] = {
+        "id": request.request_id,
+        "object": "list",
+        "created": int(time.time()),
+        "model": request.model,
+    }
+    response.update(result.extra)
+    response["usage"] = counts
+    return response
 
 
 def chat_logprobs(tokens: Iterable[TokenLogprob]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-RequestKind = Literal["chat", "completion", "generate", "responses"]
+RequestKind = Literal["chat", "completion", "generate", "responses", "embeddings"]
 
 
 @dataclass(frozen=True, slots=True)

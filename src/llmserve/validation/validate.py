@@ -10,12 +10,14 @@ import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import cast
 
 from pydantic import BaseModel
 
 from llmserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingsRequest,
     GenerateRequest,
     SamplingFields,
     WireMessage,
@@ -34,7 +36,13 @@ from llmserve.validation.request import (
 _INLINE_TOKENIZE_CHARS = 4096
 
 
-_ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen", "responses": "resp"}
+_ID_PREFIXES = {
+    "chat": "chatcmpl",
+    "completion": "cmpl",
+    "generate": "gen",
+    "responses": "resp",
+    "embeddings": "embd",
+}
 
 
 def new_request_id(kind: RequestKind) -> str:
@@ -120,6 +128,53 @@ async def validate_completion(
     # count them all.
     choices = replace(generation.sampling, n=generation.sampling.n * len(prompts))
     return replace(generation, sampling=choices)
+
+
+async def validate_embeddings(
+    wire: EmbeddingsRequest, codec: PromptCodec, limits: Limits
+) -> GenerationRequest:
+    """An embeddings request for an engine that forwards it (upstream, managed): bounded in
+    its number of inputs and counted, so its quota reservation is its input tokens (the
+    upstream's own count replaces the estimate when it answers). Nothing is generated."""
+    if wire.input is None and wire.messages is None:
+        raise InvalidRequest("input is required", param="input")
+    texts: list[str] = []
+    tokens = 0
+    if wire.messages is not None:
+        batch = bool(wire.messages) and isinstance(wire.messages[0], list)
+        conversations = cast(list[list[WireMessage]], wire.messages if batch else [wire.messages])
+        count, param = len(conversations), "messages"
+        for conversation in conversations:
+            check_message_count(len(conversation), limits)
+            texts += [_chat_message(m).content for m in conversation]
+    else:
+        raw = wire.input
+        param = "input"
+        items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+        count = len(items)
+        for item in items:
+            if isinstance(item, str):
+                texts.append(item)
+            else:
+                tokens += len(item or ())
+    if count > limits.max_embedding_inputs:
+        raise InvalidRequest(
+            f"at most {limits.max_embedding_inputs} inputs per embeddings request", param=param
+        )
+    for text in texts:
+        tokens += len(await _encode(codec, text, chat=False))
+    return GenerationRequest(
+        request_id=new_request_id("embeddings"),
+        model=wire.model,
+        kind="embeddings",
+        prompt="",
+        prompt_token_ids=None,
+        prompt_tokens=tokens,
+        sampling=SamplingOptions(max_tokens=0),
+        priority=wire.priority,
+        session=wire.user,
+        body=wire.model_dump(exclude_unset=True),
+    )
 
 
 async def validate_generate(
