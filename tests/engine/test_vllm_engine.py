@@ -393,6 +393,17 @@ async def test_unknown_fields_and_beam_search_are_refused_by_name(
             model=MODEL, prompt="hi", max_tokens=5, extra_body={"use_beam_search": True}
         )
     assert beam.value.param == "use_beam_search"
+    with pytest.raises(openai.BadRequestError) as request_id:
+        await api.completions.create(
+            model=MODEL, prompt="hi", max_tokens=5, extra_body={"request_id": "mine"}
+        )
+    assert request_id.value.param == "request_id"
+    # vLLM's own validators raise its own errors, not pydantic's: still a 400 naming the field.
+    with pytest.raises(openai.BadRequestError) as options:
+        await api.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=5, stream_options={"include_usage": True}
+        )
+    assert options.value.param == "stream_options"
     with pytest.raises(openai.BadRequestError) as too_many:
         await api.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**6)
     assert too_many.value.param == "max_tokens"

@@ -103,6 +103,14 @@ async def serve(
     kind: RequestKind,
 ) -> None:
     serving = _serving(engine.layer, kind, body["model"])
+    if "request_id" in body:
+        # vLLM names the response and its engine requests after it; llmserve's gate, quota
+        # reservations and abort need ids no client can make collide.
+        raise InvalidRequest(
+            "request_id is set by llmserve: every response carries an id of its own (an "
+            "X-Request-Id header is echoed and logged, to correlate)",
+            param="request_id",
+        )
     wire = parse_vllm(vllm_compat.vllm_type(_SCHEMAS[kind]), body)
     if kind == "responses":
         _check_responses_limits(wire, gw.settings.limits)
@@ -277,6 +285,8 @@ def parse_vllm(schema: Any, body: dict[str, Any]) -> Any:
         wire = schema.model_validate(body) if model else _adapter(schema).validate_python(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
+    except Exception as exc:  # vLLM's own validators raise its client errors unwrapped
+        raise rejected(vllm_compat.error_response_for(exc)) from None
     _refuse_unknown(type(wire), body)
     return wire
 
