@@ -37,13 +37,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def start_openai_server(
     port: int, generate: Handler, health: Handler, shutdown_timeout_s: float = 0.5
 ) -> web.AppRunner:
-    """A fake OpenAI-compatible server on loopback: the generation routes, embeddings and
-    /health. The port may be reused at once, so a test can stop it and start it again in the
-    same place."""
+    """A fake OpenAI-compatible server on loopback: the generation routes, embeddings,
+    responses and /health. The port may be reused at once, so a test can stop it and start it
+    again in the same place."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", generate)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/embeddings", generate)
+    app.router.add_post("/v1/responses", generate)
     app.router.add_get("/health", health)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()

@@ -217,3 +217,36 @@ async def test_a_streamed_tool_call_through_the_gateway_is_vllm_serves(
     assert name == "get_weather"
     assert json.loads(arguments) == json.loads(calls[0].function.arguments)
     assert reasons == [whole.choices[0].finish_reason]
+
+
+async def test_responses_through_the_gateway_are_vllm_serves_own(
+    served_gateway: RunningServer,
+) -> None:
+    """The Responses API, forwarded: the same greedy answer as `vllm serve` gives directly,
+    whole and streamed, with the same usage; the stream's events are vLLM's, in order."""
+    port = served_port(served_gateway)
+    options: dict[str, Any] = dict(
+        model=SERVED, input="What is the capital of France?", max_output_tokens=16, temperature=0
+    )
+    direct = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    gateway = AsyncOpenAI(base_url=served_gateway.url + "/v1", api_key="x", max_retries=0)
+    try:
+        theirs = await direct.responses.create(**options)
+        ours = await gateway.responses.create(**options)
+        kinds, text = [], ""
+        async with gateway.responses.stream(**options) as stream:
+            async for event in stream:
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+            final = await stream.get_final_response()
+    finally:
+        await direct.close()
+        await gateway.close()
+    assert ours.output_text == theirs.output_text and ours.output_text
+    assert ours.usage is not None and theirs.usage is not None
+    assert ours.usage.input_tokens == theirs.usage.input_tokens
+    assert ours.usage.output_tokens == theirs.usage.output_tokens
+    assert ours.model == SERVED
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert text == final.output_text == theirs.output_text

@@ -342,3 +342,88 @@ async def test_a_simulated_model_refuses_embeddings_by_name() -> None:
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "model"
     assert r.json()["error"]["code"] == "unsupported_model"
+
+
+# --- /v1/responses: forwarded, its named events relayed --------------------------------------
+
+RESPONSE = {
+    "id": "resp_up1",
+    "object": "response",
+    "created_at": 1,
+    "model": "sim",
+    "status": "in_progress",
+    "output": [],
+    "usage": None,
+}
+DONE_RESPONSE = {
+    **RESPONSE,
+    "status": "completed",
+    "output": [{"type": "message", "content": [{"type": "output_text", "text": "Paris."}]}],
+    "usage": {"input_tokens": 11, "output_tokens": 2, "total_tokens": 13},
+}
+RESPONSES_EVENTS = [
+    {"type": "response.created", "sequence_number": 0, "response": RESPONSE},
+    {"type": "response.output_text.delta", "sequence_number": 1, "delta": "Paris", "item_id": "m"},
+    {"type": "response.output_text.delta", "sequence_number": 2, "delta": ".", "item_id": "m"},
+    {"type": "response.completed", "sequence_number": 3, "response": DONE_RESPONSE},
+]
+
+
+async def responses_stream(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+    assert request.path == "/v1/responses"
+    response = await open_sse(request)
+    for event in RESPONSES_EVENTS:
+        frame = f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
+        await response.write(frame)
+    return response
+
+
+def sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in raw.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], orjson.loads(lines["data"])))
+    return events
+
+
+async def test_a_responses_stream_is_relayed_event_for_event() -> None:
+    body = {"model": "up", "input": "Capital of France?", "stream": True, "priority": 1}
+    body["max_output_tokens"] = 16
+    body["text"] = {"format": {"type": "text"}}  # a field llmserve does not model: forwarded
+    async with (
+        gateway_before(responses_stream) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        r = await http.post("/v1/responses", json=body)
+        whole = await http.post("/v1/responses", json={**body, "stream": False})
+    assert r.status_code == 200, r.text
+    events = sse_events(r.text)
+    assert [name for name, _ in events] == [e["type"] for e in RESPONSES_EVENTS]
+    for (_, got), sent in zip(events, RESPONSES_EVENTS, strict=True):
+        expected = dict(sent)
+        if "response" in sent:  # the client's model name; the upstream's ids stay
+            expected["response"] = {**sent["response"], "model": "up"}
+        assert got == expected
+    first, second = fake.requests
+    assert "priority" not in first and first["model"] == "sim" and first["stream"] is True
+    assert first["text"] == body["text"] and first["max_output_tokens"] == 16
+    assert second["stream"] is True  # read as a stream, answered whole
+    assert whole.status_code == 200, whole.text
+    assert whole.json() == {**DONE_RESPONSE, "model": "up"}
+
+
+async def test_responses_bounds_hold_for_an_upstream() -> None:
+    async with (
+        gateway_before(responses_stream) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        background = await http.post(
+            "/v1/responses", json={"model": "up", "input": "x", "background": True}
+        )
+        too_long = await http.post(
+            "/v1/responses", json={"model": "up", "input": "x", "max_output_tokens": 10**6}
+        )
+    assert background.status_code == 400 and background.json()["error"]["param"] == "background"
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "max_output_tokens"
+    assert fake.requests == []

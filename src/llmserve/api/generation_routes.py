@@ -27,6 +27,7 @@ from llmserve.api.protocol import (
     CompletionRequest,
     EmbeddingsRequest,
     GenerateRequest,
+    ResponsesRequest,
 )
 from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
@@ -36,6 +37,7 @@ from llmserve.errors import InvalidRequest
 from llmserve.streaming.encoders import (
     GenerateStreamEncoder,
     OpenAIStreamEncoder,
+    ResponsesStreamEncoder,
     StreamEncoder,
 )
 from llmserve.validation.request import GenerationRequest, RequestKind
@@ -44,6 +46,7 @@ from llmserve.validation.validate import (
     validate_completion,
     validate_embeddings,
     validate_generate,
+    validate_responses,
 )
 
 # What a route makes of its body: the validated request, and how to stream it (None: whole).
@@ -152,18 +155,22 @@ async def _embeddings(request: Request, gw: Gateway, raw: bytes) -> Prepared:
 
 
 async def _responses(request: Request, gw: Gateway, raw: bytes) -> Prepared:
-    """Reached only when vLLM's layer did not serve the request: say why, by name."""
-    data = load_json(raw)
-    requested = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(requested, str):
-        raise InvalidRequest("model is required", param="model")
-    name = gw.models.canonical(requested)  # 404 for an unknown model
-    authorize(request, requested, name)
-    raise InvalidRequest(
-        f"the model '{requested[:256]}' does not serve the Responses API: it is served by "
-        "in-process models (engine: vllm) through vLLM's own implementation",
-        param="model",
-    )
+    """Reached when vLLM's layer did not serve it: an upstream or managed ``vllm serve`` gets
+    the client's body and its events are relayed; other engines cannot serve it."""
+    body = parse_json(ResponsesRequest, raw)
+    name = gw.models.canonical(body.model)  # 404 for an unknown model
+    authorize(request, body.model, name)
+    if not gw.models.forwards_body(name):
+        raise InvalidRequest(
+            f"the model '{body.model[:256]}' does not serve the Responses API: it is served by "
+            "in-process models (engine: vllm) and OpenAI servers behind the gateway",
+            param="model",
+            code="unsupported_model",
+        )
+    if name != body.model:
+        body = body.model_copy(update={"model": name})
+    generation = await validate_responses(body, gw.models.get(name).codec, gw.settings.limits)
+    return generation, ResponsesStreamEncoder(generation) if body.stream else None
 
 
 ROUTES = [

@@ -85,6 +85,21 @@ class EmbeddingsRequest(_Wire):
     priority: int = Field(default=0, ge=-1000, le=1000)
 
 
+class ResponsesRequest(_Wire):
+    """What llmserve reads of a Responses API request to an engine that forwards it: the model,
+    what it counts (input, instructions) and bounds; every other field travels as sent."""
+
+    model: str = Field(max_length=256)
+    input: str | list[dict[str, object]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0)
+    background: bool | None = None
+    stream: bool = False
+    user: str | None = Field(default=None, max_length=256)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
 class GenerateRequest(BaseModel):
     """The simple streaming endpoint of the original design: prompt in, one event per token out."""
 

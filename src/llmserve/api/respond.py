@@ -25,7 +25,7 @@ from llmserve.api.server_send import server_send
 from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import RemoteModel
-from llmserve.engines.events import EngineEvent, TextDelta
+from llmserve.engines.events import EngineEvent, RawFrame, TextDelta
 from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
 from llmserve.observability.request_metrics import RequestRecord
 from llmserve.serving.request_run import RequestRun
@@ -161,7 +161,7 @@ async def _stream(
 
 
 async def _body(send: Send, frames: list[bytes], held: list[bytes], event: EngineEvent) -> None:
-    if not isinstance(event, TextDelta):
+    if not isinstance(event, TextDelta | RawFrame):
         held += frames
     elif frames:
         if held:

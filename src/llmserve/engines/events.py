@@ -66,7 +66,18 @@ class UsageReport:
     chunk: Mapping[str, Any] | None = None
 
 
-EngineEvent = TextDelta | ChoiceFinished | UsageReport
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """One event of an upstream stream that is relayed as it came, not rebuilt from parts (the
+    Responses API's named events: ``response.created``, ``response.output_text.delta``, ...),
+    and how many generated tokens it carries (for metrics; the usage report settles counts)."""
+
+    type: str
+    data: Mapping[str, Any]
+    tokens: int = 0
+
+
+EngineEvent = TextDelta | ChoiceFinished | UsageReport | RawFrame
 
 
 def merge_fields(into: dict[str, Any], fields: Mapping[str, Any]) -> None:

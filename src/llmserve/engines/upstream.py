@@ -21,6 +21,7 @@ from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
     Passthrough,
+    RawFrame,
     TextDelta,
     TokenLogprob,
     UsageReport,
@@ -124,6 +125,10 @@ class UpstreamEngine:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         if request.kind == "embeddings":
             async for event in self._embeddings(request):
+                yield event
+            return
+        if request.kind == "responses":
+            async for event in self._responses(request):
                 yield event
             return
         chat = request.messages is not None
@@ -241,6 +246,54 @@ class UpstreamEngine:
                 response.close()
         yield _embeddings_event(raw)
 
+    async def _responses(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        """The Responses API's stream, event for event (``RawFrame``), always asked for as a
+        stream so the first-token and between-token timeouts, failover and abort hold; its
+        terminal event's response object is also the whole answer (the usage report's
+        fields), for a client that did not ask for a stream."""
+        loop = asyncio.get_running_loop()
+        first_token_by = loop.time() + self._config.first_token_timeout_s
+        response = await self._connect("v1/responses", request, first_token_by)
+        self._open[request.request_id] = response
+        silence = _Silence(loop, first_token_by, response)
+        between = self._config.between_tokens_timeout_s
+        started = finished = False
+        try:
+            if response.status != 200:
+                raise await _upstream_error(response, self._secret)
+            name = None
+            async for line in response.content:
+                line = line.rstrip(b"\r\n")
+                if line.startswith(b"event:"):
+                    name = line[6:].strip().decode()
+                    continue
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments (keep-alives)
+                frame = _responses_frame(name, line[5:].strip(), self._secret)
+                silence.move(loop.time() + between)
+                started = True
+                yield frame
+                if frame.type in _RESPONSES_TERMINAL:
+                    finished = True
+                    yield _responses_usage(frame)
+                    break
+            if not finished:
+                raise EngineFailure(
+                    "the upstream stream ended before the response did",
+                    code="upstream_broken_stream",
+                )
+        # ValueError: a line longer than the read buffer.
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if silence.expired or isinstance(exc, TimeoutError):
+                raise _no_token(started) from exc
+            raise EngineFailure(
+                f"the upstream stream broke ({type(exc).__name__})", code="upstream_broken_stream"
+            ) from exc
+        finally:
+            silence.cancel()
+            self._open.pop(request.request_id, None)
+            response.close()
+
     async def _post(self, path: str, request: GenerationRequest) -> aiohttp.ClientResponse:
         body, headers = self._body(request), dict(request.trace_headers)
         try:
@@ -254,10 +307,12 @@ class UpstreamEngine:
             return await self._client().post(path, json=body, headers=headers)
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        if request.kind == "embeddings":  # answered whole: nothing to stream
+        if request.kind in ("embeddings", "responses"):
             assert request.body is not None
             sent = {k: v for k, v in request.body.items() if k != "priority"}
             sent["model"] = self._model
+            if request.kind == "responses":
+                sent["stream"] = True  # read as a stream, whatever the client asked for
             return sent
         if request.body is not None:
             # The client's own request, every field as sent: the upstream gives each one its
@@ -380,6 +435,38 @@ class _Silence:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+# Events that end a Responses stream: the response object they carry is the whole answer.
+_RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def _responses_frame(name: str | None, payload: bytes, secret: str | None) -> RawFrame:
+    try:
+        data = orjson.loads(payload)
+        kind = str(data.get("type") or name or "")
+    except (orjson.JSONDecodeError, AttributeError) as exc:
+        raise EngineFailure(
+            "the upstream engine sent a malformed event", code="upstream_malformed"
+        ) from exc
+    if kind == "error":
+        message = _redact(str(data.get("message") or data.get("error") or data), secret)
+        raise EngineFailure(f"the upstream engine failed: {message}", code="upstream_error")
+    # Deltas of generated text (output, reasoning) count one token each, for metrics only.
+    return RawFrame(kind, data, 1 if kind.endswith(".delta") else 0)
+
+
+def _responses_usage(frame: RawFrame) -> UsageReport:
+    response = frame.data.get("response")
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(response, dict) or not isinstance(usage, dict):
+        raise EngineFailure("the upstream response carries no usage", code="upstream_malformed")
+    try:
+        return UsageReport(int(usage["input_tokens"]), int(usage["output_tokens"]), None, response)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineFailure(
+            "the upstream response carries no usage", code="upstream_malformed"
+        ) from exc
 
 
 def _embeddings_event(raw: bytes) -> UsageReport:

@@ -99,26 +99,31 @@ class RequestRecord:
 
     def observe(self, event: EngineEvent) -> None:
         if isinstance(event, TextDelta):
-            now = time.perf_counter()
-            if self.first_token_at is None:
-                self.first_token_at = now
-                self._ttft.observe(now - self.arrived)
-                if self.span is not None:
-                    self.span.add_event("gen_ai.first_token")
-            elif self.last_token_at is not None:
-                self._itl.observe(now - self.last_token_at)
-            self.last_token_at = now
-            self.completion_tokens += event.num_tokens
-            # Counted as they stream, so rate() follows long generations smoothly; in steps of
-            # _COUNT_STEP tokens, not one by one, because each step takes the counter's lock.
-            if self.completion_tokens - self._counted >= _COUNT_STEP:
-                self._generated.inc(self.completion_tokens - self._counted)
-                self._counted = self.completion_tokens
+            self._tokens(event.num_tokens)
         elif isinstance(event, ChoiceFinished):
             self.finish_reasons.append(event.reason)
         elif isinstance(event, UsageReport):
             self.prompt_tokens = event.prompt_tokens
             self.completion_tokens = event.completion_tokens
+        elif event.tokens:  # a relayed event that carries generated text
+            self._tokens(event.tokens)
+
+    def _tokens(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self._ttft.observe(now - self.arrived)
+            if self.span is not None:
+                self.span.add_event("gen_ai.first_token")
+        elif self.last_token_at is not None:
+            self._itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+        self.completion_tokens += count
+        # Counted as they stream, so rate() follows long generations smoothly; in steps of
+        # _COUNT_STEP tokens, not one by one, because each step takes the counter's lock.
+        if self.completion_tokens - self._counted >= _COUNT_STEP:
+            self._generated.inc(self.completion_tokens - self._counted)
+            self._counted = self.completion_tokens
 
     def ended(self, error: BaseException | None) -> None:
         """How the run ended (None: completed); the first report wins."""

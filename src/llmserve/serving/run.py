@@ -170,7 +170,7 @@ async def collect(events: AsyncIterator[EngineEvent], request: GenerationRequest
             result.choices[event.index].finish_reason = event.reason
             if event.fields is not None:
                 _gather(result, result.choices[event.index], event.fields)
-        else:
+        elif isinstance(event, UsageReport):
             usage = event
             if event.details:
                 merge_fields(result.usage_details, event.details)

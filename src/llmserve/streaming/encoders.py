@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from llmserve.api.errors import body_for
-from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, UsageReport
+from llmserve.engines.events import ChoiceFinished, EngineEvent, RawFrame, TextDelta
 from llmserve.errors import LLMServeError
 from llmserve.streaming import sse
 from llmserve.streaming.openai_format import ChunkFormatter
@@ -32,8 +32,8 @@ class OpenAIStreamEncoder:
         self._opened: set[int] = set()
 
     def encode(self, event: EngineEvent) -> list[bytes]:
-        if isinstance(event, UsageReport):
-            if not self._include_usage:
+        if not isinstance(event, TextDelta | ChoiceFinished):
+            if isinstance(event, RawFrame) or not self._include_usage:  # no raw frames here
                 return []
             usage = self._formatter.usage(
                 event.prompt_tokens, event.completion_tokens, event.details, event.chunk
@@ -61,6 +61,30 @@ class OpenAIStreamEncoder:
         return [sse.data(body_for(exc)), sse.DONE]
 
 
+class ResponsesStreamEncoder:
+    """The Responses API's named events, relayed as the upstream sent them (ids included, so
+    ``previous_response_id`` still finds them there), under the model name the client used;
+    errors after the start as ``event: error``, as vLLM's own stream ends."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._model = request.model
+
+    def encode(self, event: EngineEvent) -> list[bytes]:
+        if not isinstance(event, RawFrame):
+            return []  # the usage report: the terminal event itself carries the usage
+        data = event.data
+        response = data.get("response")
+        if isinstance(response, dict) and "model" in response:
+            data = {**data, "response": {**response, "model": self._model}}
+        return [sse.event(event.type, data)]
+
+    def end(self) -> list[bytes]:
+        return []
+
+    def error(self, exc: LLMServeError) -> list[bytes]:
+        return [sse.event("error", body_for(exc))]
+
+
 class GenerateStreamEncoder:
     """The ``/generate`` protocol: ``data: {"token": ...}`` per delta, then ``event: end``."""
 
@@ -72,6 +96,8 @@ class GenerateStreamEncoder:
             return [sse.data({"token": event.text})] if event.text else []
         if isinstance(event, ChoiceFinished):
             self._finish_reason = event.reason
+            return []
+        if isinstance(event, RawFrame):
             return []
         usage = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
         return [sse.event("end", {"finish_reason": self._finish_reason, "usage": usage})]

@@ -118,6 +118,8 @@ def _with(choice: dict[str, Any], fields: Passthrough | None) -> dict[str, Any]:
 def full_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
     if request.kind == "embeddings":
         return embeddings_response(request, result)
+    if request.kind == "responses":  # the upstream's final response object, whole
+        return {**result.extra, "model": request.model}
     chat = request.kind == "chat"
     choices = []
     for index, choice in enumerate(result.choices):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import cast
 
+import orjson
 from pydantic import BaseModel
 
 from llmserve.api.protocol import (
@@ -19,6 +20,7 @@ from llmserve.api.protocol import (
     CompletionRequest,
     EmbeddingsRequest,
     GenerateRequest,
+    ResponsesRequest,
     SamplingFields,
     WireMessage,
 )
@@ -171,6 +173,47 @@ async def validate_embeddings(
         prompt_token_ids=None,
         prompt_tokens=tokens,
         sampling=SamplingOptions(max_tokens=0),
+        priority=wire.priority,
+        session=wire.user,
+        body=wire.model_dump(exclude_unset=True),
+    )
+
+
+async def validate_responses(
+    wire: ResponsesRequest, codec: PromptCodec, limits: Limits
+) -> GenerationRequest:
+    """A Responses API request for an engine that forwards it, bounded as in process
+    (``api.layer_routes``): output tokens, input items, top logprobs; no background runs."""
+    if wire.max_output_tokens is not None and wire.max_output_tokens > limits.max_tokens:
+        raise InvalidRequest(
+            f"max_output_tokens must be at most {limits.max_tokens}", param="max_output_tokens"
+        )
+    if isinstance(wire.input, list):
+        check_message_count(len(wire.input), limits)
+    if wire.background:
+        raise InvalidRequest(
+            "background responses are not served: llmserve answers each request while its "
+            "client waits (deadline, abort on disconnect)",
+            param="background",
+        )
+    if wire.top_logprobs is not None and wire.top_logprobs > limits.max_logprobs:
+        raise InvalidRequest(
+            f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
+        )
+    # Counted from the JSON of the input: an estimate, as for every upstream prompt.
+    text = wire.input if isinstance(wire.input, str) else orjson.dumps(wire.input).decode()
+    tokens = len(await _encode(codec, (wire.instructions or "") + text, chat=False))
+    max_tokens = wire.max_output_tokens or limits.default_max_tokens
+    return GenerationRequest(
+        request_id=new_request_id("responses"),
+        model=wire.model,
+        kind="responses",
+        prompt="",
+        prompt_token_ids=None,
+        prompt_tokens=tokens,
+        sampling=SamplingOptions(
+            max_tokens=max_tokens, requested_max_tokens=wire.max_output_tokens
+        ),
         priority=wire.priority,
         session=wire.user,
         body=wire.model_dump(exclude_unset=True),
