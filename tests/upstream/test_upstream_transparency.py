@@ -427,3 +427,33 @@ async def test_responses_bounds_hold_for_an_upstream() -> None:
     assert too_long.status_code == 400
     assert too_long.json()["error"]["param"] == "max_output_tokens"
     assert fake.requests == []
+
+
+async def test_token_id_prompts_are_forwarded_and_counted_exactly() -> None:
+    async def completion(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+        response = await open_sse(request)
+        choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
+        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        await response.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
+        await response.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with (
+        gateway_before(completion) as (b, fake),
+        httpx.AsyncClient(base_url=b.url, timeout=10) as http,
+    ):
+        one = await http.post(
+            "/v1/completions", json={"model": "up", "prompt": [1, 2, 3, 4, 5], "max_tokens": 2}
+        )
+        empty = await http.post("/v1/completions", json={"model": "up", "prompt": [[1], []]})
+    assert one.status_code == 200, one.text
+    assert fake.requests[0]["prompt"] == [1, 2, 3, 4, 5]
+    assert one.json()["usage"]["prompt_tokens"] == 5
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    async with (
+        serve(simulated_settings()) as a,
+        httpx.AsyncClient(base_url=a.url, timeout=10) as http,
+    ):
+        refused = await http.post("/v1/completions", json={"model": "sim", "prompt": [1, 2]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"

@@ -68,7 +68,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    # Text, texts, or token ids (one prompt or several): ids only for engines that forward.
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     suffix: str | None = None

@@ -101,8 +101,17 @@ async def validate_completion(
             raise InvalidRequest("echo is not supported by this model", param="echo")
         if wire.suffix:
             raise InvalidRequest("suffix is not supported by this model", param="suffix")
-    prompts = wire.prompt if isinstance(wire.prompt, list) else [wire.prompt]
-    if not prompts:
+    raw = wire.prompt
+    token_ids = isinstance(raw, list) and bool(raw) and not isinstance(raw[0], str)
+    id_prompts: list[list[int]] = []
+    if token_ids and not forwards:
+        raise InvalidRequest("token-id prompts are not served by this model", param="prompt")
+    if token_ids:  # one list of ids, or several: counted exactly, whatever the tokenizer
+        id_prompts = cast(list[list[int]], raw if isinstance(raw[0], list) else [raw])
+        prompts = [""] * len(id_prompts)
+    else:
+        prompts = cast(list[str], raw if isinstance(raw, list) else [raw])
+    if not prompts or (token_ids and not all(id_prompts)):
         raise InvalidRequest("the prompt must not be empty", param="prompt")
     if len(prompts) > 1 and not forwards:
         raise InvalidRequest(
@@ -124,6 +133,8 @@ async def validate_completion(
         "logprobs",
         forwards=forwards,
     )
+    if token_ids:
+        generation = replace(generation, prompt_tokens=sum(len(ids) for ids in id_prompts))
     if len(prompts) == 1:
         return generation
     # The upstream answers n choices per prompt, indexed in order: the queue and the quota
