@@ -97,6 +97,7 @@ def error_response_for(exc: Exception) -> Any:
     create = _first(
         "create_error_response",
         "vllm.entrypoints.serve.exception_handling.error_response",
+        "vllm.entrypoints.serve.utils.error_response",  # 0.26
         "vllm.entrypoints.utils",
     )
     return create(exc)
