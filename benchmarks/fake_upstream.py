@@ -18,7 +18,16 @@ from benchmarks.servers import run_aiohttp
 
 
 def _chunk(kind: str, index: int, finish: str | None) -> bytes:
-    if kind == "chat":
+    if kind == "tools":  # a tool call whose arguments stream a piece per token
+        call: dict[str, object] = {"index": 0, "function": {"arguments": f" tok{index}"}}
+        if index == 0:
+            call.update(id="call_fake", type="function")
+            call["function"] = {"name": "get_weather", "arguments": ""}
+        delta = {"tool_calls": [call]}
+        reason = "tool_calls" if finish else None
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        obj = "chat.completion.chunk"
+    elif kind == "chat":
         choice = {"index": 0, "delta": {"content": f" tok{index}"}, "finish_reason": finish}
         obj = "chat.completion.chunk"
     else:
@@ -49,6 +58,8 @@ def build_app(tokens_per_second: float, ttft_s: float) -> web.Application:
 
     async def generate(request: web.Request, kind: str) -> web.StreamResponse:
         body = orjson.loads(await request.read())
+        if kind == "chat" and body.get("tools"):
+            kind = "tools"
         n = int(body.get("max_tokens") or 16)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -61,6 +72,7 @@ def build_app(tokens_per_second: float, ttft_s: float) -> web.Application:
         return response
 
     async def chat(request: web.Request) -> web.StreamResponse:
+        # A request with tools is answered with a streamed tool call, as vLLM's parsers send.
         return await generate(request, "chat")
 
     async def completions(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ streamed token (psutil, user + system). Targets are interleaved per concurrency.
 
     .venv/bin/python -m benchmarks.overhead [--concurrency 16 64 256] [--litellm PATH]
         [--before GIT_REF]   # also llmserve as of an earlier commit, for before/after
+        [--request completion|chat|tools|json]   # what is streamed (tools: a tool call)
 
 LiteLLM: install it in its own environment (its pins clash with vLLM's), e.g.
 ``python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'``, and pass
@@ -152,29 +153,84 @@ def _start_gateways(
         procs["LiteLLM proxy"] = (f"http://127.0.0.1:{LITELLM_PORT}", lite)
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    },
+}
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+# What each kind of request adds to a streamed chat request (``--request``).
+REQUESTS: dict[str, dict[str, object]] = {
+    "completion": {"prompt": "hello"},
+    "chat": {"messages": [{"role": "user", "content": "hello"}]},
+    "tools": {
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": "required",
+    },
+    "json": {
+        "messages": [{"role": "user", "content": "A person, as JSON."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
+    },
+}
+REQUEST = "completion"  # set from --request
+
+
+_KINDS = {
+    "completion": "streaming completions",
+    "chat": "streaming chat completions",
+    "tools": "streaming chat completions with `tools` and `tool_choice: required` (the fake "
+    "upstream streams a tool call, one piece of its arguments per token)",
+    "json": "streaming chat completions with a strict `json_schema` response_format",
+}
+
+
+def _streamed(chunk: dict[str, object]) -> bool:
+    """Whether a chunk carries a generated token: text, content, or tool-call arguments."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    return bool(choice.get("text") or delta.get("content") or delta.get("tool_calls"))
+
+
 async def one(
     session: aiohttp.ClientSession, url: str, tokens: int, model: str = "fake"
 ) -> tuple[float, list[float], int]:
     body = {
         "model": model,
-        "prompt": "hello",
+        **REQUESTS[REQUEST],
         "max_tokens": tokens,
         "stream": True,
         "ignore_eos": True,
         "temperature": 0,
     }
+    path = "/v1/completions" if REQUEST == "completion" else "/v1/chat/completions"
     start_t = time.perf_counter()
     stamps: list[float] = []
     try:
-        async with session.post(url + "/v1/completions", json=body) as response:
+        async with session.post(url + path, json=body) as response:
             if response.status != 200:
                 await response.read()
                 return 0.0, [], 1
             async for raw in response.content:
-                if raw.startswith(b"data:") and b"[DONE]" not in raw:
-                    chunk = orjson.loads(raw[5:])
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
-                        stamps.append(time.perf_counter())
+                data = raw.startswith(b"data:") and b"[DONE]" not in raw
+                if data and _streamed(orjson.loads(raw[5:])):
+                    stamps.append(time.perf_counter())
     except aiohttp.ClientError:  # a gateway that resets connections under load: an error
         return 0.0, [], 1
     if not stamps:
@@ -315,7 +371,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         "# Gateway overhead: same upstream, one run",
         "",
         _setup(args)
-        + f"{args.tokens} output tokens per request (ignore_eos); streaming completions. "
+        + f"{args.tokens} output tokens per request (ignore_eos); {_KINDS[args.request]}. "
         f"Every process separate, {os.cpu_count()} CPU cores (shared by the load generator, the "
         "upstream and the gateway under test). CPU per token: the gateway process's user + "
         "system time over the streamed tokens. "
@@ -418,7 +474,16 @@ def main() -> None:
     parser.add_argument(
         "--before", metavar="GIT_REF", help="also run llmserve as of this commit (before/after)"
     )
+    parser.add_argument(
+        "--request",
+        choices=sorted(REQUESTS),
+        default="completion",
+        help="what is streamed: completions, plain chat, chat with a required tool call (the "
+        "upstream streams the call's arguments), or chat with a json_schema response_format",
+    )
     args = parser.parse_args()
+    global REQUEST
+    REQUEST = args.request
     report(asyncio.run(run(args)), args)
 
 

@@ -158,8 +158,11 @@ def check_lookups() -> None:
             f"served_model_name={args.served_model_name}",
         )
     except Exception as exc:
-        check("make_arg_parser() builds a parser that parses `vllm serve` flags", False,
-              short_error(exc))
+        check(
+            "make_arg_parser() builds a parser that parses `vllm serve` flags",
+            False,
+            short_error(exc),
+        )
     for name, modules in c._TYPES.items():
         lookup(f"vllm_type({name!r})", name, modules, lambda n=name: c.vllm_type(n))
     lookup("error_response()", "ErrorResponse", c._TYPES["ErrorResponse"], c.error_response)
@@ -198,11 +201,14 @@ def check_layer(engine: Any) -> None:
     print(f"  layer attributes: {attrs}", flush=True)
     for name in ("openai_serving_chat", "openai_serving_completion", "openai_serving_responses"):
         obj = getattr(layer, name, None)
-        check(f"layer.{name}", obj is not None, type(obj).__name__ if obj is not None else "missing")
+        check(
+            f"layer.{name}", obj is not None, type(obj).__name__ if obj is not None else "missing"
+        )
     try:
         tok = vllm_compat.tokenization(layer)
         which = next(
-            n for n in ("serving_tokenization", "openai_serving_tokenization")
+            n
+            for n in ("serving_tokenization", "openai_serving_tokenization")
             if getattr(layer, n, None) is tok
         )
         check("vllm_compat.tokenization(layer)", True, f"layer.{which}: {type(tok).__name__}")
@@ -223,16 +229,25 @@ async def requests(base: str) -> None:
         (
             "POST /v1/chat/completions",
             "/v1/chat/completions",
-            {"model": "dummy", "messages": [{"role": "user", "content": prompt}],
-             "max_tokens": 8, "ignore_eos": True},
+            {
+                "model": "dummy",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8,
+                "ignore_eos": True,
+            },
             lambda b: json.loads(b)["usage"]["completion_tokens"] == 8,
         ),
         (
             "POST /v1/chat/completions (stream)",
             "/v1/chat/completions",
-            {"model": "dummy", "messages": [{"role": "user", "content": prompt}],
-             "max_tokens": 8, "ignore_eos": True, "stream": True,
-             "stream_options": {"include_usage": True}},
+            {
+                "model": "dummy",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
             lambda b: b.rstrip().endswith("data: [DONE]") and '"completion_tokens":8' in b,
         ),
         (
@@ -292,8 +307,11 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
         from llmserve.engines.vllm_engine import VllmEngine
         from llmserve.server import uvicorn_config
     except Exception as exc:
-        check("import llmserve's app, config, registry, engine and server", False,
-              {"error": short_error(exc), "traceback": traceback.format_exc()[-1500:]})
+        check(
+            "import llmserve's app, config, registry, engine and server",
+            False,
+            {"error": short_error(exc), "traceback": traceback.format_exc()[-1500:]},
+        )
         return
     check("import llmserve's app, config, registry, engine and server", True)
 
@@ -334,8 +352,8 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
         if not check(
             "llmserve app with VllmEngine(dummy) is ready (/ready 200)",
             ready,
-            f"after {INFO['ready_s']} s" + ("" if ready else "; the engine failed to load"
-                                             if failed else "; timed out"),
+            f"after {INFO['ready_s']} s"
+            + ("" if ready else "; the engine failed to load" if failed else "; timed out"),
         ):
             return
         check("registry holds a VllmEngine", isinstance(engine, VllmEngine), type(engine).__name__)
@@ -357,7 +375,9 @@ def main() -> int:
     parser.add_argument("--lookups-only", action="store_true")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     import vllm
 
@@ -379,8 +399,11 @@ def main() -> int:
         asyncio.run(serve_app(args, deadline))
 
     failed = [r for r in RESULTS if not r["ok"]]
-    print(f"\n===== SUMMARY (vLLM {INFO['vllm']}): {len(RESULTS) - len(failed)} PASS, "
-          f"{len(failed)} FAIL =====", flush=True)
+    print(
+        f"\n===== SUMMARY (vLLM {INFO['vllm']}): {len(RESULTS) - len(failed)} PASS, "
+        f"{len(failed)} FAIL =====",
+        flush=True,
+    )
     for r in RESULTS:
         detail = r["detail"]
         if r["ok"] and isinstance(detail, dict):

@@ -8,6 +8,7 @@ parser and a reasoning parser on (the chunks below are the shapes vLLM 0.32 stre
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +17,15 @@ import pytest
 from aiohttp import web
 from openai import AsyncOpenAI
 
+from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import serve, simulated_settings
-from tests.upstream.test_upstream_engine import FakeUpstream, gateway_before, open_sse
+from tests.upstream.test_upstream_engine import (
+    FakeUpstream,
+    fake_upstream,
+    gateway_before,
+    open_sse,
+    upstream_settings,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -457,3 +465,25 @@ async def test_token_id_prompts_are_forwarded_and_counted_exactly() -> None:
     ):
         refused = await http.post("/v1/completions", json={"model": "sim", "prompt": [1, 2]})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+
+async def test_tool_schemas_and_images_count_toward_the_keys_quota(tmp_path: Path) -> None:
+    """An upstream renders tools and images into the prompt: the quota's estimate counts them
+    (the tools' JSON; a fixed share per media part), so a key is refused before the upstream
+    sees a request its text alone would not show to be over the limit."""
+    keys = tmp_path / "keys.yaml"
+    key = add_key(keys, "small", tpm=600)
+    async with fake_upstream(tool_calling) as fake:
+        models = list(upstream_settings(fake.url).models)
+        async with (
+            serve(auth_settings(keys, models=models)) as b,
+            httpx.AsyncClient(base_url=b.url, timeout=10, headers=bearer(key)) as http,
+        ):
+            text = {"model": "up", "messages": [CONVERSATION[0] | {"content": "Weather?"}]}
+            plain = await http.post("/v1/chat/completions", json={**text, "max_tokens": 8})
+            with_image = await http.post(
+                "/v1/chat/completions", json={**body(False), "max_tokens": 8}
+            )
+    assert plain.status_code == 200, plain.text
+    assert with_image.status_code == 429, with_image.text  # 1,024 tokens for the image alone
+    assert len(fake.requests) == 1

@@ -34,6 +34,9 @@ from llmserve.validation.request import (
     SamplingOptions,
 )
 
+# A media part's share of an upstream prompt, for the estimate: images cost a multimodal model
+# hundreds to a few thousand tokens (LLaVA 576, Qwen2-VL about 1,000 per megapixel).
+MEDIA_PART_TOKENS = 1024
 # Prompts longer than this are tokenised on a worker thread so the event loop keeps serving streams.
 _INLINE_TOKENIZE_CHARS = 4096
 
@@ -78,7 +81,7 @@ async def validate_chat(
     elif wire.top_logprobs is not None:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     max_tokens = wire.max_completion_tokens or wire.max_tokens
-    return await _build(
+    generation = await _build(
         wire,
         "chat",
         prompt,
@@ -90,6 +93,26 @@ async def validate_chat(
         messages,
         forwards,
     )
+    if not forwards:
+        return generation
+    unseen = await _unrendered_tokens(wire, codec)
+    return replace(generation, prompt_tokens=generation.prompt_tokens + unseen)
+
+
+async def _unrendered_tokens(wire: ChatCompletionRequest, codec: PromptCodec) -> int:
+    """What an upstream renders into the prompt beyond the messages' text, estimated for the
+    quota and the queue (the upstream's usage settles it): the tool schemas and earlier tool
+    calls, as their JSON, and a fixed share per image, audio or file part."""
+    texts = [orjson.dumps(wire.tools).decode()] if wire.tools else []
+    media = 0
+    for message in wire.messages:
+        calls = (message.model_extra or {}).get("tool_calls")
+        if calls:
+            texts.append(orjson.dumps(calls).decode())
+        if isinstance(message.content, list):
+            media += sum(part.type != "text" for part in message.content)
+    tokens = len(await _encode(codec, "".join(texts), chat=False)) if texts else 0
+    return tokens + media * MEDIA_PART_TOKENS
 
 
 async def validate_completion(
