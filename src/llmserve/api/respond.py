@@ -37,6 +37,8 @@ from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+# Events whose frames leave at once; the others (finish, usage) wait for the next or the end.
+_SENT_AT_ONCE = (TextDelta, RawFrame)
 _SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-store",
@@ -161,7 +163,7 @@ async def _stream(
 
 
 async def _body(send: Send, frames: list[bytes], held: list[bytes], event: EngineEvent) -> None:
-    if not isinstance(event, TextDelta | RawFrame):
+    if not isinstance(event, _SENT_AT_ONCE):
         held += frames
     elif frames:
         if held:

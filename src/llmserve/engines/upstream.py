@@ -570,6 +570,8 @@ def _parse_chunk(chunk: Any, chat: bool, n: int, secret: str | None) -> list[Eng
 def _extra(
     part: dict[str, Any], own: frozenset[str], keep_nulls: bool = False
 ) -> dict[str, Any] | None:
+    if own.issuperset(part):  # nearly every token's chunk: one pass in C, nothing built
+        return None
     extra = {k: v for k, v in part.items() if k not in own and (keep_nulls or v is not None)}
     return extra or None
 

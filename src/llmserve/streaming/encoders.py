@@ -11,6 +11,9 @@ from llmserve.streaming import sse
 from llmserve.streaming.openai_format import ChunkFormatter
 from llmserve.validation.request import GenerationRequest
 
+# A tuple, not ``TextDelta | ChoiceFinished``: that union would be built on every token.
+_CHOICE_EVENTS = (TextDelta, ChoiceFinished)
+
 
 class StreamEncoder(Protocol):
     def encode(self, event: EngineEvent) -> list[bytes]: ...
@@ -32,7 +35,7 @@ class OpenAIStreamEncoder:
         self._opened: set[int] = set()
 
     def encode(self, event: EngineEvent) -> list[bytes]:
-        if not isinstance(event, TextDelta | ChoiceFinished):
+        if not isinstance(event, _CHOICE_EVENTS):
             if isinstance(event, RawFrame) or not self._include_usage:  # no raw frames here
                 return []
             usage = self._formatter.usage(
