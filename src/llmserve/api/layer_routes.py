@@ -40,7 +40,7 @@ from llmserve.serving.layer_gate import LayerGate
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.validation.request import RequestKind
-from llmserve.validation.validate import check_message_count
+from llmserve.validation.validate import check_message_count, check_responses_limits
 
 log = logging.getLogger(__name__)
 
@@ -328,27 +328,9 @@ async def _responses_sse(events: AsyncGenerator[Any, None]) -> AsyncGenerator[st
 
 
 def _check_responses_limits(wire: Any, limits: Limits) -> None:
-    if wire.max_output_tokens is not None and wire.max_output_tokens > limits.max_tokens:
-        raise InvalidRequest(
-            f"max_output_tokens must be at most {limits.max_tokens}", param="max_output_tokens"
-        )
+    check_responses_limits(wire, limits)
     if wire.max_output_tokens is None:  # vLLM's default would be the whole rest of the context
         wire.max_output_tokens = limits.default_max_tokens
-    if isinstance(wire.input, list) and len(wire.input) > limits.max_messages:
-        raise InvalidRequest(
-            f"at most {limits.max_messages} input items are allowed", param="input"
-        )
-    if getattr(wire, "background", False):
-        raise InvalidRequest(
-            "background responses are not served: llmserve answers each request while its "
-            "client waits (deadline, abort on disconnect)",
-            param="background",
-        )
-    top = getattr(wire, "top_logprobs", None)
-    if top is not None and top > limits.max_logprobs:
-        raise InvalidRequest(
-            f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
-        )
 
 
 def _check_embedding_limits(wire: Any, limits: Limits) -> None:

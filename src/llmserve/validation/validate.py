@@ -10,7 +10,7 @@ import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from pydantic import BaseModel
@@ -199,55 +199,61 @@ async def validate_embeddings(
         )
     for text in texts:
         tokens += len(await _encode(codec, text, chat=False))
-    return GenerationRequest(
-        request_id=new_request_id("embeddings"),
-        model=wire.model,
-        kind="embeddings",
-        prompt="",
-        prompt_token_ids=None,
-        prompt_tokens=tokens,
-        sampling=SamplingOptions(max_tokens=0),
-        priority=wire.priority,
-        session=wire.user,
-        body=wire.model_dump(exclude_unset=True),
-    )
+    return _forwarded(wire, "embeddings", tokens, SamplingOptions(max_tokens=0))
 
 
 async def validate_responses(
     wire: ResponsesRequest, codec: PromptCodec, limits: Limits
 ) -> GenerationRequest:
-    """A Responses API request for an engine that forwards it, bounded as in process
-    (``api.layer_routes``): output tokens, input items, top logprobs; no background runs."""
+    """A Responses API request for an engine that forwards it, bounded as in process."""
+    check_responses_limits(wire, limits)
+    # Counted from the JSON of the input: an estimate, as for every upstream prompt.
+    text = wire.input if isinstance(wire.input, str) else orjson.dumps(wire.input).decode()
+    tokens = len(await _encode(codec, (wire.instructions or "") + text, chat=False))
+    max_tokens = wire.max_output_tokens or limits.default_max_tokens
+    sampling = SamplingOptions(max_tokens, requested_max_tokens=wire.max_output_tokens)
+    return _forwarded(wire, "responses", tokens, sampling)
+
+
+def check_responses_limits(wire: Any, limits: Limits) -> None:
+    """llmserve's bounds on a Responses request, llmserve's own wire type or vLLM's (the same
+    field names): output tokens, input items, top logprobs; no background runs."""
     if wire.max_output_tokens is not None and wire.max_output_tokens > limits.max_tokens:
         raise InvalidRequest(
             f"max_output_tokens must be at most {limits.max_tokens}", param="max_output_tokens"
         )
-    if isinstance(wire.input, list):
-        check_message_count(len(wire.input), limits)
-    if wire.background:
+    if isinstance(wire.input, list) and len(wire.input) > limits.max_messages:
+        raise InvalidRequest(
+            f"at most {limits.max_messages} input items are allowed", param="input"
+        )
+    if getattr(wire, "background", False):
         raise InvalidRequest(
             "background responses are not served: llmserve answers each request while its "
             "client waits (deadline, abort on disconnect)",
             param="background",
         )
-    if wire.top_logprobs is not None and wire.top_logprobs > limits.max_logprobs:
+    top = getattr(wire, "top_logprobs", None)
+    if top is not None and top > limits.max_logprobs:
         raise InvalidRequest(
             f"top_logprobs must be at most {limits.max_logprobs}", param="top_logprobs"
         )
-    # Counted from the JSON of the input: an estimate, as for every upstream prompt.
-    text = wire.input if isinstance(wire.input, str) else orjson.dumps(wire.input).decode()
-    tokens = len(await _encode(codec, (wire.instructions or "") + text, chat=False))
-    max_tokens = wire.max_output_tokens or limits.default_max_tokens
+
+
+def _forwarded(
+    wire: EmbeddingsRequest | ResponsesRequest,
+    kind: RequestKind,
+    tokens: int,
+    sampling: SamplingOptions,
+) -> GenerationRequest:
+    """A request whose body an upstream takes whole; ``tokens`` is llmserve's estimate."""
     return GenerationRequest(
-        request_id=new_request_id("responses"),
+        request_id=new_request_id(kind),
         model=wire.model,
-        kind="responses",
+        kind=kind,
         prompt="",
         prompt_token_ids=None,
         prompt_tokens=tokens,
-        sampling=SamplingOptions(
-            max_tokens=max_tokens, requested_max_tokens=wire.max_output_tokens
-        ),
+        sampling=sampling,
         priority=wire.priority,
         session=wire.user,
         body=wire.model_dump(exclude_unset=True),
