@@ -334,6 +334,29 @@ async def test_tool_choice_gives_a_valid_call_streamed_or_not(
     assert json.loads(streamed) == arguments
 
 
+async def test_auto_tool_choice_is_served_with_the_xlam_parser(vllm_server: RunningServer) -> None:
+    """``auto`` needs a parser and auto tool choice on (the embedded default has both): the
+    model decides; whatever it decides is reported consistently, a parsed call with the
+    ``tool_calls`` finish reason, or text with ``stop`` / ``length``."""
+    import json
+
+    reply = await client(vllm_server).chat.completions.create(
+        model=MODEL,
+        messages=WEATHER_QUESTION,
+        tools=[WEATHER_TOOL],
+        tool_choice="auto",
+        max_tokens=60,
+        temperature=0,
+    )
+    choice = reply.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        assert isinstance(json.loads(choice.message.tool_calls[0].function.arguments), dict)
+    else:
+        assert choice.finish_reason in ("stop", "length") and choice.message.content
+
+
 async def test_structured_outputs_choice_and_regex_hold(vllm_server: RunningServer) -> None:
     api = client(vllm_server)
     choice = await api.chat.completions.create(
