@@ -26,6 +26,7 @@ from tests.conftest import RunningServer, serve
 from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
+from tests.engine.test_vllm_serve import TRANSPARENT, _assert_same, _gathered
 from tests.routing.helpers import wait_ready
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
@@ -530,3 +531,30 @@ async def test_a_chat_model_refuses_embeddings_by_name(vllm_server: RunningServe
     with pytest.raises(openai.BadRequestError) as refused:
         await client(vllm_server).embeddings.create(model=MODEL, input="hello")
     assert refused.value.param == "model" and refused.value.code == "unsupported_model"
+
+
+# --- The differential: in process against `vllm serve`, the same model ----------------------
+
+
+@pytest.mark.parametrize(("path", "request_body"), TRANSPARENT)
+async def test_in_process_answers_are_vllm_serves_own(
+    vllm_server: RunningServer, path: str, request_body: dict[str, Any]
+) -> None:
+    """The two ways llmserve serves a model, vLLM's layer in the gateway and `vllm serve`
+    behind it, on the same model (SmolLM2, fp32, eager) and the same greedy requests (a JSON
+    schema, a required tool call, content parts with min_tokens, a batch with echo and
+    logprobs): the same stream, field for field, but for the model's name and the engine's
+    configuration hash."""
+    gathered = []
+    async with httpx.AsyncClient(base_url=vllm_server.url, timeout=240) as http:
+        for model in (MODEL, SERVED):
+            body = {**request_body, "model": model, "temperature": 0, "stream": True}
+            body["stream_options"] = {"include_usage": True}
+            r = await http.post(path, json=body)
+            assert r.status_code == 200, r.text
+            stream = _gathered(r.content)
+            assert stream.pop("model") == model
+            # vLLM's hash of the engine's configuration: the contexts differ (2048, 8192).
+            assert stream.pop("system_fingerprint").startswith("vllm-")
+            gathered.append(stream)
+    _assert_same(gathered[0], gathered[1], "stream")
