@@ -1,7 +1,8 @@
 """Configuration: one YAML file plus ``LLMSERVE_*`` environment overrides (pydantic-settings).
 
-No file at all means the embedded default: one model, SmolLM2-135M-Instruct, served by the
-in-process vLLM engine. Every limit has a safe default.
+No file at all means the embedded models, both served by in-process vLLM engines:
+SmolLM2-135M-Instruct for chat and completions, all-MiniLM-L6-v2 for embeddings. Every limit has
+a safe default.
 """
 
 from __future__ import annotations
