@@ -139,11 +139,15 @@ async def test_open_loop_launches_on_schedule_regardless_of_completions(
     cfg = config(server, "timed", rate=[rate], duration_s=duration, seed=3, output_tokens=16)
     [level] = await run_benchmark(cfg)
     s = level.summary
-    # Exactly the seeded schedule's requests, each sent at its time (within 50 ms), although
-    # each takes 0.5 s: many were in flight at once, so sends did not wait for completions.
+    # Exactly the seeded schedule's requests, each sent at its time, although each takes 0.5 s:
+    # many were in flight at once, so sends did not wait for completions. Typically within
+    # 50 ms; the worst launch gets 250 ms, still half a request's time, because one stall of a
+    # busy 2-core runner (a collection, another process) lands on the p99 of ~30 launches
+    # (seen once: 133 ms, in a full run beside other work).
     assert s["requests"] == s["completed"] == len(expected)
     assert sorted(r.scheduled_s or 0 for r in level.run.results) == expected
-    assert s["launch_lag_ms"]["p99"] <= 50
+    assert s["launch_lag_ms"]["p50"] <= 50
+    assert s["launch_lag_ms"]["p99"] <= 250
     assert s["peak_in_flight"] >= 5
     assert s["mean_gap_s"] == pytest.approx(expected[-1] / len(expected))
     assert 200 <= s["ttft_ms"]["p50"] <= 300 and 18 <= s["itl_ms"]["mean"] <= 30
