@@ -23,3 +23,15 @@ WEATHER_TOOL: dict[str, Any] = {
     },
 }
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def weather_call(model: str, tool_choice: Any) -> dict[str, Any]:
+    """A greedy chat request for the weather tool, as the SDK's keyword arguments."""
+    return dict(
+        model=model,
+        messages=WEATHER_QUESTION,
+        tools=[WEATHER_TOOL],
+        tool_choice=tool_choice,
+        max_tokens=60,
+        temperature=0,
+    )

@@ -23,7 +23,7 @@ from llmserve.config import Settings, VllmModel
 from llmserve.engines.vllm_engine import VllmEngine
 from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
-from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL
+from tests.engine.examples import PERSON_SCHEMA, weather_call
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
 from tests.engine.test_vllm_serve import TRANSPARENT, _assert_same, _gathered
@@ -312,14 +312,7 @@ async def test_tool_choice_gives_a_valid_call_streamed_or_not(
     import json
 
     api = client(vllm_server)
-    options: dict[str, Any] = dict(
-        model=MODEL,
-        messages=WEATHER_QUESTION,
-        tools=[WEATHER_TOOL],
-        tool_choice=tool_choice,
-        max_tokens=60,
-        temperature=0,
-    )
+    options = weather_call(MODEL, tool_choice)
     whole = await api.chat.completions.create(**options)
     calls = whole.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather"
@@ -341,14 +334,7 @@ async def test_auto_tool_choice_is_served_with_the_xlam_parser(vllm_server: Runn
     ``tool_calls`` finish reason, or text with ``stop`` / ``length``."""
     import json
 
-    reply = await client(vllm_server).chat.completions.create(
-        model=MODEL,
-        messages=WEATHER_QUESTION,
-        tools=[WEATHER_TOOL],
-        tool_choice="auto",
-        max_tokens=60,
-        temperature=0,
-    )
+    reply = await client(vllm_server).chat.completions.create(**weather_call(MODEL, "auto"))
     choice = reply.choices[0]
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"

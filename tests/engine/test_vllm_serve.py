@@ -23,7 +23,7 @@ from openai import AsyncOpenAI
 
 from llmserve.config import Settings
 from tests.conftest import RunningServer, serve
-from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL
+from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL, weather_call
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, served_port, vllm_serve_metric
 from tests.routing.helpers import wait_ready
@@ -193,14 +193,7 @@ async def test_a_streamed_tool_call_through_the_gateway_is_vllm_serves(
     """The tool call's deltas and the `tool_calls` finish reason reach the client."""
     import json
 
-    options: dict[str, Any] = dict(
-        model=SERVED,
-        messages=WEATHER_QUESTION,
-        tools=[WEATHER_TOOL],
-        tool_choice="required",
-        max_tokens=60,
-        temperature=0,
-    )
+    options = weather_call(SERVED, "required")
     api = AsyncOpenAI(base_url=served_gateway.url + "/v1", api_key="x", max_retries=0)
     whole = await api.chat.completions.create(**options)
     calls = whole.choices[0].message.tool_calls
