@@ -137,40 +137,37 @@ async def _generate(request: Request, gw: Gateway, raw: bytes) -> Prepared:
 async def _embeddings(request: Request, gw: Gateway, raw: bytes) -> Prepared:
     """Reached when vLLM's layer did not serve it: an upstream or managed ``vllm serve``
     gets the client's body, counted and queued like any request; other engines cannot."""
-    body = parse_json(EmbeddingsRequest, raw)
-    name = gw.models.canonical(body.model)
-    authorize(request, body.model, name)
-    if not gw.models.forwards_body(name):
-        raise InvalidRequest(
-            f"the model '{body.model[:256]}' does not serve embeddings: they come from "
-            "embedding models in process (engine: vllm) or behind an OpenAI server "
-            "(engine: openai, managed)",
-            param="model",
-            code="unsupported_model",
-        )
-    if name != body.model:
-        body = body.model_copy(update={"model": name})
-    codec = gw.models.get(name).codec
+    body = _forwarded(request, gw, parse_json(EmbeddingsRequest, raw), "embeddings")
+    codec = gw.models.get(body.model).codec
     return await validate_embeddings(body, codec, gw.settings.limits), None
 
 
 async def _responses(request: Request, gw: Gateway, raw: bytes) -> Prepared:
     """Reached when vLLM's layer did not serve it: an upstream or managed ``vllm serve`` gets
     the client's body and its events are relayed; other engines cannot serve it."""
-    body = parse_json(ResponsesRequest, raw)
+    body = _forwarded(request, gw, parse_json(ResponsesRequest, raw), "the Responses API")
+    codec = gw.models.get(body.model).codec
+    generation = await validate_responses(body, codec, gw.settings.limits)
+    return generation, ResponsesStreamEncoder(generation) if body.stream else None
+
+
+ForwardedBody = TypeVar("ForwardedBody", EmbeddingsRequest, ResponsesRequest)
+
+
+def _forwarded(request: Request, gw: Gateway, body: ForwardedBody, what: str) -> ForwardedBody:
+    """A body only an OpenAI server behind the gateway can take (the layer took the in-process
+    models' already), under the model's own name; a 400 naming ``model`` for other engines."""
     name = gw.models.canonical(body.model)  # 404 for an unknown model
     authorize(request, body.model, name)
     if not gw.models.forwards_body(name):
         raise InvalidRequest(
-            f"the model '{body.model[:256]}' does not serve the Responses API: it is served by "
-            "in-process models (engine: vllm) and OpenAI servers behind the gateway",
+            f"the model '{body.model[:256]}' does not serve {what}: it is served by in-process "
+            "models (engine: vllm) and OpenAI servers behind the gateway (engine: openai, "
+            "managed)",
             param="model",
             code="unsupported_model",
         )
-    if name != body.model:
-        body = body.model_copy(update={"model": name})
-    generation = await validate_responses(body, gw.models.get(name).codec, gw.settings.limits)
-    return generation, ResponsesStreamEncoder(generation) if body.stream else None
+    return body.model_copy(update={"model": name}) if name != body.model else body
 
 
 ROUTES = [
