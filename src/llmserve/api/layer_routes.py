@@ -40,7 +40,11 @@ from llmserve.serving.layer_gate import LayerGate
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.validation.request import RequestKind
-from llmserve.validation.validate import check_message_count, check_responses_limits
+from llmserve.validation.validate import (
+    check_message_count,
+    check_responses_limits,
+    embedding_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ async def serve(
         gate_id = wire.request_id
     else:
         if kind == "embeddings":
-            _check_embedding_limits(wire, gw.settings.limits)
+            embedding_inputs(wire, gw.settings.limits)
         else:
             _check_limits(wire, gw.settings.limits, kind == "chat")
         wire.request_id = os.urandom(16).hex()
@@ -331,25 +335,6 @@ def _check_responses_limits(wire: Any, limits: Limits) -> None:
     check_responses_limits(wire, limits)
     if wire.max_output_tokens is None:  # vLLM's default would be the whole rest of the context
         wire.max_output_tokens = limits.default_max_tokens
-
-
-def _check_embedding_limits(wire: Any, limits: Limits) -> None:
-    """The number of inputs (texts, token-id lists or conversations); their length is vLLM's
-    to bound (the model's context, or ``truncate_prompt_tokens``)."""
-    inputs = getattr(wire, "messages", None)
-    if inputs is not None and inputs and isinstance(inputs[0], list):
-        param, count = "messages", len(inputs)  # a batch of conversations
-    elif inputs is not None:
-        check_message_count(len(inputs), limits)
-        return
-    else:
-        raw = wire.input
-        param = "input"
-        count = len(raw) if isinstance(raw, list) and raw and not isinstance(raw[0], int) else 1
-    if count > limits.max_embedding_inputs:
-        raise InvalidRequest(
-            f"at most {limits.max_embedding_inputs} inputs per embeddings request", param=param
-        )
 
 
 def _check_limits(wire: Any, limits: Limits, chat: bool) -> None:

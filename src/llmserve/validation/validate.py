@@ -176,30 +176,38 @@ async def validate_embeddings(
         raise InvalidRequest("input is required", param="input")
     texts: list[str] = []
     tokens = 0
-    if wire.messages is not None:
-        batch = bool(wire.messages) and isinstance(wire.messages[0], list)
-        conversations = cast(list[list[WireMessage]], wire.messages if batch else [wire.messages])
-        count, param = len(conversations), "messages"
-        for conversation in conversations:
-            check_message_count(len(conversation), limits)
-            texts += [_chat_message(m).content for m in conversation]
-    else:
-        raw = wire.input
-        param = "input"
-        items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
-        count = len(items)
-        for item in items:
-            if isinstance(item, str):
-                texts.append(item)
-            else:
-                tokens += len(item or ())
-    if count > limits.max_embedding_inputs:
-        raise InvalidRequest(
-            f"at most {limits.max_embedding_inputs} inputs per embeddings request", param=param
-        )
+    for item in embedding_inputs(wire, limits):
+        if isinstance(item, str):
+            texts.append(item)
+        elif wire.messages is not None:  # a conversation
+            texts += [_chat_message(m).content for m in cast(list[WireMessage], item)]
+        else:  # token ids
+            tokens += len(item or ())
     for text in texts:
         tokens += len(await _encode(codec, text, chat=False))
     return _forwarded(wire, "embeddings", tokens, SamplingOptions(max_tokens=0))
+
+
+def embedding_inputs(wire: Any, limits: Limits) -> list[Any]:
+    """The inputs of an embeddings request, llmserve's wire type or vLLM's (the same field
+    names): texts or token-id lists (``input``), or conversations (``messages``, one or a
+    batch), bounded in number and each conversation in length. Their token length is the
+    model's to bound (its context, or ``truncate_prompt_tokens``)."""
+    messages = getattr(wire, "messages", None)
+    if messages is not None:
+        batch = bool(messages) and isinstance(messages[0], list)
+        items, param = (list(messages) if batch else [messages]), "messages"
+        for conversation in items:
+            check_message_count(len(conversation), limits)
+    else:
+        raw = wire.input
+        items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+        param = "input"
+    if len(items) > limits.max_embedding_inputs:
+        raise InvalidRequest(
+            f"at most {limits.max_embedding_inputs} inputs per embeddings request", param=param
+        )
+    return items
 
 
 async def validate_responses(
