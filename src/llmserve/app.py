@@ -53,7 +53,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         background = [
-            asyncio.create_task(_load(registry, on_fatal)),
+            asyncio.create_task(_load(registry, on_fatal, settings, keys)),
             asyncio.create_task(_watch_health(registry)),
         ]
         if keys is not None:
@@ -139,7 +139,12 @@ async def _reload_keys(keys: KeyStore, settings: Settings) -> None:
         keys.reload()
 
 
-async def _load(registry: ModelRegistry, on_fatal: Callable[[], None] | None) -> None:
+async def _load(
+    registry: ModelRegistry,
+    on_fatal: Callable[[], None] | None,
+    settings: Settings,
+    keys: KeyStore | None,
+) -> None:
     try:
         await registry.start()
     except asyncio.CancelledError:
@@ -149,4 +154,21 @@ async def _load(registry: ModelRegistry, on_fatal: Callable[[], None] | None) ->
         if on_fatal is not None:
             on_fatal()
         raise
-    log.info("all engines started: %s", ", ".join(registry.names))
+    log.info("%s", ready_line(settings, registry, keys))
+
+
+def ready_line(settings: Settings, registry: ModelRegistry, keys: KeyStore | None) -> str:
+    """The last line of a start: where it listens, what it serves, whether keys are on (it
+    follows engines' own output, which can run to dozens of lines)."""
+    aliases: dict[str, list[str]] = {name: [] for name in registry.names}
+    for public, name in registry.public_names.items():
+        if public != name:
+            aliases[name].append(public)
+    models = ", ".join(
+        name + (f" (aliases: {', '.join(more)})" if more else "") for name, more in aliases.items()
+    )
+    if keys is None:
+        auth = "API keys OFF: anyone who can reach the port can use every model"
+    else:
+        auth = f"API keys on ({len(keys)} in {settings.keys_path})"
+    return f"llmserve ready on http://{settings.host}:{settings.port}, serving {models}; {auth}"

@@ -15,7 +15,8 @@ class LLMServeError(Exception):
 
     status: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
-    default_code: ClassVar[str | None] = None
+    # Every error a client sees has a code (a stable string to branch on); messages may change.
+    default_code: ClassVar[str] = "internal_error"
 
     def __init__(
         self,
@@ -28,13 +29,14 @@ class LLMServeError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code if code is not None else self.default_code
+        self.code: str = code if code is not None else self.default_code
         self.headers = dict(headers or {})
 
 
 class InvalidRequest(LLMServeError):
     status = 400
     error_type = "invalid_request_error"
+    default_code = "invalid_value"
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -94,6 +96,7 @@ class Overloaded(LLMServeError):
 
     status = 503
     error_type = "server_error"
+    default_code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})

@@ -241,13 +241,13 @@ async def test_an_engine_that_cannot_honour_a_field_refuses_it_by_name(
 @pytest.mark.parametrize(
     ("messages", "param", "code"),
     [
-        (CONVERSATION[:1], "messages[0].content[1]", "unsupported_content"),
+        (CONVERSATION[:1], "messages.0.content.1", "unsupported_content"),
         (
             [*CONVERSATION[1:2], {"role": "user", "content": "hi"}],
-            "messages[0].tool_calls",
+            "messages.0.tool_calls",
             "unknown_field",
         ),
-        ([CONVERSATION[2]], "messages[0].tool_call_id", "unknown_field"),
+        ([CONVERSATION[2]], "messages.0.tool_call_id", "unknown_field"),
     ],
 )
 async def test_messages_the_engine_cannot_render_are_refused_by_name(

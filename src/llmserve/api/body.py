@@ -1,15 +1,16 @@
 """Request bodies: JSON parsed with orjson whatever the Content-Type (curl sends form types),
-then validated against the wire schema. Errors go to the one validation-error handler."""
+then validated against the wire schema. A schema's errors become one 400
+naming the field as the client wrote it (``validation.schema_errors``)."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 import orjson
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from llmserve.errors import InvalidRequest
+from llmserve.validation.schema_errors import invalid_request
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -18,7 +19,7 @@ def load_json(raw: bytes) -> object:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise InvalidRequest("the request body is not valid JSON") from None
+        raise InvalidRequest("the request body is not valid JSON", code="invalid_json") from None
 
 
 def parse_json(model: type[M], raw: bytes) -> M:
@@ -26,4 +27,4 @@ def parse_json(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        raise invalid_request(exc.errors(include_url=False), data) from None

@@ -17,6 +17,7 @@ from llmserve.auth.principal import principal_for
 from llmserve.errors import ClientDisconnected, LLMServeError
 from llmserve.observability.metrics import REJECTIONS
 from llmserve.observability.reasons import reason_for
+from llmserve.validation.schema_errors import invalid_request
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ _HTTP_TYPES = {
     404: "not_found_error",
     429: "rate_limit_error",
 }
+# Starlette's own refusals (no route, wrong method): each gets a code like llmserve's errors.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def error_body(
@@ -65,30 +68,24 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     count_rejection("validation", principal_for(request).name)
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if first.get("type") == "json_invalid":
-        message = "the request body is not valid JSON"
-    else:
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problems)"
-    body = error_body(message, "invalid_request_error", ".".join(loc) or None, "invalid_value")
-    return json_response(400, body)
+    return json_response(400, body_for(invalid_request(exc.errors())))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     count_rejection("validation", principal_for(request).name)
     error_type = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-    return json_response(exc.status_code, error_body(str(exc.detail), error_type), exc.headers)
+    code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+    body = error_body(str(exc.detail), error_type, code=code)
+    return json_response(exc.status_code, body, exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     count_rejection("internal", principal_for(request).name)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_response(500, error_body("internal server error", "server_error"))
+    return json_response(
+        500, error_body("internal server error", "server_error", code="internal_error")
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -17,7 +17,6 @@ import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +39,7 @@ from llmserve.serving.layer_gate import LayerGate
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.validation.request import RequestKind
+from llmserve.validation.schema_errors import invalid_request
 from llmserve.validation.validate import (
     check_message_count,
     check_responses_limits,
@@ -288,7 +288,7 @@ def parse_vllm(schema: Any, body: dict[str, Any]) -> Any:
     try:
         wire = schema.model_validate(body) if model else _adapter(schema).validate_python(body)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from None
+        raise invalid_request(exc.errors(include_url=False), body) from None
     except Exception as exc:  # vLLM's own validators raise its client errors unwrapped
         raise rejected(vllm_compat.error_response_for(exc)) from None
     _refuse_unknown(type(wire), body)

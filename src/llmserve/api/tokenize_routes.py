@@ -64,6 +64,7 @@ async def _serve(
             f"the model '{requested[:256]}' does not serve {request.url.path}: it is served by "
             "in-process models (engine: vllm) and OpenAI servers behind the gateway",
             param="model",
+            code="unsupported_model",
         )
     wire = parse_vllm(vllm_compat.vllm_type(schema), {**body, "model": name})
     check_message_count(len(getattr(wire, "messages", None) or ()), gw.settings.limits)

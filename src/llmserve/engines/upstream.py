@@ -358,7 +358,9 @@ class UpstreamEngine:
                 async with self._client().post(path, json=sent) as response:
                     if response.status == 404:  # not a server that has it: not its failure
                         raise InvalidRequest(
-                            f"the upstream engine does not serve /{path}", param="model"
+                            f"the upstream engine does not serve /{path}",
+                            param="model",
+                            code="unsupported_model",
                         )
                     if response.status != 200:
                         raise await _upstream_error(response, self._secret)

@@ -66,6 +66,17 @@ class HfCodec:
         return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
+def _import_vllm() -> None:
+    """What start() needs of vLLM, imported once: later imports of it are look-ups."""
+    import vllm.usage.usage_lib
+    import vllm.v1.engine.async_llm  # noqa: F401
+
+    from llmserve.engines import vllm_compat
+
+    vllm_compat.init_app_state()
+    vllm_compat.make_arg_parser()
+
+
 class VllmEngine:
     """vLLM's AsyncLLM behind the llmserve engine interface."""
 
@@ -87,6 +98,9 @@ class VllmEngine:
         return self._codec
 
     async def start(self) -> None:
+        # Importing vLLM (torch, transformers, its OpenAI server) takes 6-8 s of CPU here: on a
+        # worker thread, so that the port binds and /health answers from the first second.
+        await asyncio.to_thread(_import_vllm)
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM

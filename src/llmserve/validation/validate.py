@@ -370,10 +370,10 @@ def _unmodelled(wire: ChatCompletionRequest | CompletionRequest) -> Iterator[tup
     if not isinstance(wire, ChatCompletionRequest):
         return
     for i, message in enumerate(wire.messages):
-        yield from _extras(message, f"messages[{i}].")
+        yield from _extras(message, f"messages.{i}.")
         parts = message.content if isinstance(message.content, list) else []
         for j, part in enumerate(parts):
-            where = f"messages[{i}].content[{j}]"
+            where = f"messages.{i}.content.{j}"
             if part.type != "text" or part.text is None:
                 yield where, f"a content part of type '{part.type}'", "unsupported_content"
             yield from _extras(part, f"{where}.")
