@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from llmserve.api.errors import error_body
 from llmserve.api.security import SECURITY_HEADERS
+from llmserve.wire.errors import error_body
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 

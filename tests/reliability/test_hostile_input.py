@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.config import Limits, Settings
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.validation.request import ChatMessage

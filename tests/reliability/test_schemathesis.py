@@ -5,7 +5,7 @@ every response must match what the spec says.
 
 The routes parse JSON themselves, so FastAPI cannot see their bodies; the served spec declares
 them all the same (``api/openapi.py``). Should an operation lack one, its body schema is taken
-from the wire models the route validates against (``api/protocol.py``) so that the fuzzer still
+from the wire models the route validates against (``wire/schema.py``) so that the fuzzer still
 has something to send, with ``model`` narrowed to the served model's name so that requests get
 past the model lookup to validation and the engine; where the spec declares a body, nothing is
 added.
@@ -42,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from tests.reliability.helpers import (
     PING_COMPLETION,
     GatewayProcess,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from llmserve.validation.schema_errors import invalid_request, public_loc
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest
 
 USER = {"role": "user", "content": "hi"}
 
@@ -33,7 +33,10 @@ def refusal(schema: Any, body: dict[str, Any]) -> tuple[str | None, str]:
         ),
         (
             ChatCompletionRequest,
-            {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+            },
             "messages.0.content.0.text",
             "messages.0.content.0.text: Input should be a valid string",
         ),

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from llmserve.api.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.config import Limits
 from llmserve.engines.simulated import WordCodec
 from llmserve.errors import ContextLengthExceeded, InvalidRequest

@@ -10,8 +10,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmserve.api.errors import count_rejection, error_body, json_response
 from llmserve.errors import BodyTimeout, BodyTooLarge
+from llmserve.observability.metrics import count_rejection
+from llmserve.wire.errors import error_body, json_response
 
 
 class BodySizeLimit:

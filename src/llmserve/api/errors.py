@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -15,9 +12,10 @@ from starlette.responses import Response
 
 from llmserve.auth.principal import principal_for
 from llmserve.errors import ClientDisconnected, LLMServeError
-from llmserve.observability.metrics import REJECTIONS
+from llmserve.observability.metrics import count_rejection
 from llmserve.observability.reasons import reason_for
 from llmserve.validation.schema_errors import invalid_request
+from llmserve.wire.errors import body_for, error_body, json_response
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +27,6 @@ _HTTP_TYPES = {
 }
 # Starlette's own refusals (no route, wrong method): each gets a code like llmserve's errors.
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-def error_body(
-    message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def body_for(exc: LLMServeError) -> dict[str, Any]:
-    return error_body(exc.message, exc.error_type, exc.param, exc.code)
-
-
-def json_response(
-    status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
-) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
-
-
-def count_rejection(reason: str, key: str) -> None:
-    REJECTIONS.labels(reason, key).inc()
 
 
 async def _llmserve_error(request: Request, exc: Exception) -> Response:

@@ -22,13 +22,6 @@ from starlette.types import Receive, Scope, Send
 
 from llmserve.api import layer_routes
 from llmserve.api.body import load_json, parse_json
-from llmserve.api.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingsRequest,
-    GenerateRequest,
-    ResponsesRequest,
-)
 from llmserve.api.respond import authorize, respond, start
 from llmserve.api.state import Gateway
 from llmserve.config import Limits
@@ -47,6 +40,13 @@ from llmserve.validation.validate import (
     validate_embeddings,
     validate_generate,
     validate_responses,
+)
+from llmserve.wire.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    GenerateRequest,
+    ResponsesRequest,
 )
 
 # What a route makes of its body: the validated request, and how to stream it (None: whole).

@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Send
 
-from llmserve.api.errors import body_for
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.state import Gateway
 from llmserve.config import Limits
@@ -45,6 +44,7 @@ from llmserve.validation.validate import (
     check_responses_limits,
     embedding_inputs,
 )
+from llmserve.wire.errors import body_for
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from llmserve.api.protocol import (
+from llmserve.wire.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingsRequest,

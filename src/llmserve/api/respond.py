@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.types import Message, Send
 
 from llmserve.api.admit import ticket_for
-from llmserve.api.errors import json_response
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
 from llmserve.api.state import Gateway
@@ -34,6 +33,7 @@ from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response
 from llmserve.validation.request import GenerationRequest
+from llmserve.wire.errors import json_response
 
 log = logging.getLogger(__name__)
 

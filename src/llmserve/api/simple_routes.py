@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import Response
 
-from llmserve.api.errors import json_response
 from llmserve.api.state import Gateway, gateway
+from llmserve.wire.errors import json_response
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmserve.api.errors import count_rejection, error_body, json_response
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.principal import Principal
+from llmserve.observability.metrics import count_rejection
+from llmserve.wire.errors import error_body, json_response
 
 
 class AuthMiddleware:

@@ -31,6 +31,12 @@ REJECTIONS = Counter(
     "Requests answered with an error status before any response byte, by reason.",
     ["reason", "key"],
 )
+
+
+def count_rejection(reason: str, key: str) -> None:
+    REJECTIONS.labels(reason, key).inc()
+
+
 TIME_TO_FIRST_TOKEN = Histogram(
     "llmserve_time_to_first_token_seconds",
     "From the request's arrival to its first token (queue wait included).",

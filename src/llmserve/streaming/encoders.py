@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from llmserve.api.errors import body_for
 from llmserve.engines.events import ChoiceFinished, EngineEvent, RawFrame, TextDelta
 from llmserve.errors import LLMServeError
 from llmserve.streaming import sse
 from llmserve.streaming.openai_format import ChunkFormatter
 from llmserve.validation.request import GenerationRequest
+from llmserve.wire.errors import body_for
 
 # A tuple, not ``TextDelta | ChoiceFinished``: that union would be built on every token.
 _CHOICE_EVENTS = (TextDelta, ChoiceFinished)

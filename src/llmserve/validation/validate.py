@@ -15,15 +15,6 @@ from typing import Any, cast
 import orjson
 from pydantic import BaseModel
 
-from llmserve.api.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingsRequest,
-    GenerateRequest,
-    ResponsesRequest,
-    SamplingFields,
-    WireMessage,
-)
 from llmserve.config import Limits
 from llmserve.engines.base import PromptCodec
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
@@ -32,6 +23,15 @@ from llmserve.validation.request import (
     GenerationRequest,
     RequestKind,
     SamplingOptions,
+)
+from llmserve.wire.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingsRequest,
+    GenerateRequest,
+    ResponsesRequest,
+    SamplingFields,
+    WireMessage,
 )
 
 # A media part's share of an upstream prompt, for the estimate: images cost a multimodal model
