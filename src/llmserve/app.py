@@ -14,12 +14,12 @@ from starlette.types import ASGIApp
 
 from llmserve import __version__
 from llmserve.api import generation_routes, openai_routes, simple_routes, tokenize_routes
+from llmserve.api.access_log import AccessLogMiddleware
 from llmserve.api.body_limit import BodySizeLimit
 from llmserve.api.errors import install_error_handlers
 from llmserve.api.openapi import install_openapi
 from llmserve.api.security import SecurityHeaders
 from llmserve.api.server_send import KeepServerSend
-from llmserve.api.state import Gateway
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.middleware import AuthMiddleware
 from llmserve.config import Settings
@@ -27,7 +27,7 @@ from llmserve.engines.registry import ModelRegistry
 from llmserve.limits.limiter import RateLimiter
 from llmserve.observability.collectors import QueueCollector
 from llmserve.observability.gpu import GpuCollector
-from llmserve.observability.logs import AccessLogMiddleware
+from llmserve.serving.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def create_app(
         title="llmserve", version=__version__, lifespan=lifespan, redirect_slashes=False
     )
     collectors = CollectorRegistry(auto_describe=True)
-    collectors.register(QueueCollector(registry))
+    collectors.register(QueueCollector(registry.gauges))
     collectors.register(GpuCollector())
     app.state.gateway = Gateway(
         settings=settings, models=registry, limiter=limiter, metrics=collectors

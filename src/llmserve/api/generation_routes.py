@@ -23,16 +23,16 @@ from starlette.types import Receive, Scope, Send
 from llmserve.api import layer_routes
 from llmserve.api.body import load_json, parse_json
 from llmserve.api.respond import authorize, respond, start
-from llmserve.api.state import Gateway
 from llmserve.config import Limits
-from llmserve.engines.base import PromptCodec
 from llmserve.errors import InvalidRequest
+from llmserve.serving.gateway import Gateway
 from llmserve.streaming.encoders import (
     GenerateStreamEncoder,
     OpenAIStreamEncoder,
     ResponsesStreamEncoder,
     StreamEncoder,
 )
+from llmserve.validation.codec import PromptCodec
 from llmserve.validation.request import GenerationRequest, RequestKind
 from llmserve.validation.validate import (
     validate_chat,

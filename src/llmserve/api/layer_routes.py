@@ -23,7 +23,6 @@ from starlette.responses import Response
 from starlette.types import Message, Send
 
 from llmserve.api.keepalive import KeepAlive, Opened
-from llmserve.api.state import Gateway
 from llmserve.config import Limits
 from llmserve.engines import vllm_compat
 from llmserve.engines.gated_client import CURRENT_GATE
@@ -34,6 +33,7 @@ from llmserve.errors import (
     LLMServeError,
     ModelNotFound,
 )
+from llmserve.serving.gateway import Gateway
 from llmserve.serving.layer_gate import LayerGate
 from llmserve.streaming import sse
 from llmserve.streaming.disconnect import DisconnectWatch

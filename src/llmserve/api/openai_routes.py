@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
 
-from llmserve.api.state import Gateway, gateway
+from llmserve.api.state import gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import RemoteModel
 from llmserve.errors import ModelNotFound
+from llmserve.serving.gateway import Gateway
 
 router = APIRouter()
 GatewayDep = Annotated[Gateway, Depends(gateway)]

@@ -18,17 +18,17 @@ import logging
 from starlette.requests import Request
 from starlette.types import Message, Send
 
-from llmserve.api.admit import ticket_for
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
-from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.config import RemoteModel
 from llmserve.engines.events import EngineEvent, RawFrame, TextDelta
 from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
-from llmserve.observability.request_metrics import RequestRecord
+from llmserve.serving.gateway import Gateway
+from llmserve.serving.record import RequestRecord
 from llmserve.serving.request_run import RequestRun
 from llmserve.serving.run import collect
+from llmserve.serving.ticket import ticket_for
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import Response
 
-from llmserve.api.state import Gateway, gateway
+from llmserve.api.state import gateway
+from llmserve.serving.gateway import Gateway
 from llmserve.wire.errors import json_response
 
 router = APIRouter()

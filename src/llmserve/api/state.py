@@ -1,24 +1,10 @@
-"""What the routes share: built once at start and reached through ``request.app.state``."""
+"""How a route reaches the gateway's shared parts (``serving.gateway``): ``request.app.state``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 
-from llmserve.config import Settings
-from llmserve.engines.registry import ModelRegistry
-from llmserve.limits.limiter import RateLimiter
-
-
-@dataclass(frozen=True, slots=True)
-class Gateway:
-    settings: Settings
-    models: ModelRegistry
-    limiter: RateLimiter
-    # This app's scrape-time collectors (queues, GPUs); counters live in the default registry.
-    metrics: CollectorRegistry
+from llmserve.serving.gateway import Gateway
 
 
 async def gateway(request: Request) -> Gateway:

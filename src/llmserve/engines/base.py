@@ -6,24 +6,8 @@ from collections.abc import AsyncGenerator
 from typing import Protocol, runtime_checkable
 
 from llmserve.engines.events import EngineEvent
-from llmserve.validation.request import ChatMessage, GenerationRequest
-
-
-class PromptCodec(Protocol):
-    """Turns what a client sent into the prompt an engine sees, and counts its tokens."""
-
-    @property
-    def max_model_len(self) -> int | None:
-        """Context length in tokens, or None where it is not known (the engine then decides)."""
-
-    @property
-    def exact(self) -> bool:
-        """True when ``encode`` is the engine's own tokenizer, not an estimate."""
-
-    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str: ...
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; chat prompts are rendered with their special tokens, so pass False."""
+from llmserve.validation.codec import PromptCodec
+from llmserve.validation.request import GenerationRequest
 
 
 @runtime_checkable

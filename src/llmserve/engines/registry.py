@@ -14,6 +14,7 @@ from llmserve.engines.managed import ManagedServer
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.engines.upstream import UpstreamEngine
 from llmserve.errors import ModelNotFound
+from llmserve.observability.collectors import GatewayGauges, ModelGauges, ReplicaGauges
 from llmserve.routing.replicated import ReplicaStatus, ReplicatedEngine
 from llmserve.scheduling.admission import Admission
 from llmserve.scheduling.queue_state import QueueLimits
@@ -104,6 +105,30 @@ class ModelRegistry:
         """Per-replica health and load of a replicated model; None for a single engine."""
         engine = self.get(name)
         return engine.status() if isinstance(engine, ReplicatedEngine) else None
+
+    def gauges(self) -> GatewayGauges:
+        """Queues, health and replicas as /metrics shows them (read at scrape time)."""
+        models = []
+        for name in self._engines:
+            admission = self._admissions[name]
+            limits = admission.state.limits
+            replicas = tuple(
+                ReplicaGauges(r.label, r.healthy, r.outstanding) for r in self.replicas(name) or ()
+            )
+            models.append(
+                ModelGauges(
+                    name=name,
+                    healthy=self.healthy.get(name, False),
+                    waiting=admission.queued,
+                    waiting_tokens=admission.state.waiting_tokens,
+                    in_flight=admission.in_flight,
+                    max_waiting_requests=limits.max_waiting_requests,
+                    max_waiting_tokens=limits.max_waiting_tokens,
+                    max_in_flight=limits.max_in_flight,
+                    replicas=replicas,
+                )
+            )
+        return GatewayGauges(self.draining, tuple(models))
 
     def start_draining(self) -> None:
         """Stop admitting: new requests get 503; queued and running ones carry on."""

@@ -3,17 +3,46 @@ nothing to keep them up to date."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llmserve.engines.registry import ModelRegistry
+
+@dataclass(frozen=True, slots=True)
+class ReplicaGauges:
+    label: str
+    healthy: bool
+    outstanding: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelGauges:
+    """One model's queue and health at scrape time (``registry.ModelRegistry.gauges``)."""
+
+    name: str
+    healthy: bool
+    waiting: int
+    waiting_tokens: int
+    in_flight: int
+    max_waiting_requests: int
+    max_waiting_tokens: int
+    max_in_flight: int
+    replicas: tuple[ReplicaGauges, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayGauges:
+    draining: bool
+    models: tuple[ModelGauges, ...]
 
 
 class QueueCollector(Collector):
-    def __init__(self, models: ModelRegistry) -> None:
-        self._models = models
+    """Reads the gauges through a function, so observability knows nothing of the registry."""
+
+    def __init__(self, read: Callable[[], GatewayGauges]) -> None:
+        self._read = read
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         waiting = GaugeMetricFamily(
@@ -56,19 +85,20 @@ class QueueCollector(Collector):
             "Requests running on a replica of a model.",
             labels=["model", "replica"],
         )
-        for name in self._models.names:
-            for replica in self._models.replicas(name) or ():
+        now = self._read()
+        for model in now.models:
+            name = model.name
+            for replica in model.replicas:
                 replica_up.add_metric([name, replica.label], 1.0 if replica.healthy else 0.0)
                 replica_running.add_metric([name, replica.label], replica.outstanding)
-            admission = self._models.admission(name)
-            waiting.add_metric([name], admission.queued)
-            tokens.add_metric([name], admission.state.waiting_tokens)
-            running.add_metric([name], admission.in_flight)
-            capacity.add_metric([name], admission.state.limits.max_waiting_requests)
-            capacity_tokens.add_metric([name], admission.state.limits.max_waiting_tokens)
-            max_in_flight.add_metric([name], admission.state.limits.max_in_flight)
-            healthy.add_metric([name], 1.0 if self._models.healthy.get(name) else 0.0)
-        draining.add_metric([], 1.0 if self._models.draining else 0.0)
+            waiting.add_metric([name], model.waiting)
+            tokens.add_metric([name], model.waiting_tokens)
+            running.add_metric([name], model.in_flight)
+            capacity.add_metric([name], model.max_waiting_requests)
+            capacity_tokens.add_metric([name], model.max_waiting_tokens)
+            max_in_flight.add_metric([name], model.max_in_flight)
+            healthy.add_metric([name], 1.0 if model.healthy else 0.0)
+        draining.add_metric([], 1.0 if now.draining else 0.0)
         return [
             replica_up,
             replica_running,

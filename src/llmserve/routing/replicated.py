@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from llmserve.config import HealthConfig, RoutingConfig
-from llmserve.engines.base import Engine, PromptCodec
+from llmserve.engines.base import Engine
 from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineFailure, EngineTimeout, EngineUnavailable, LLMServeError
 from llmserve.observability import metrics as prom
 from llmserve.routing.balancer import Balancer
+from llmserve.validation.codec import PromptCodec
 from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,15 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
-from llmserve.api.admit import ticket_for
-from llmserve.api.state import Gateway
 from llmserve.auth.principal import principal_for
 from llmserve.engines.events import ChoiceFinished, TextDelta, UsageReport, finish_reason
 from llmserve.engines.gated_client import EngineRequest
 from llmserve.errors import EngineTimeout, LLMServeError
 from llmserve.limits.limiter import Reservation
-from llmserve.observability.request_metrics import RequestRecord
 from llmserve.scheduling.admission import Permit
+from llmserve.serving.gateway import Gateway
+from llmserve.serving.record import RequestRecord
+from llmserve.serving.ticket import ticket_for
 from llmserve.validation.request import GenerationRequest, RequestKind, SamplingOptions
 
 

@@ -11,8 +11,8 @@ import anyio
 
 from llmserve.engines.base import Engine
 from llmserve.limits.limiter import RateLimiter, Reservation
-from llmserve.observability.request_metrics import RequestRecord
 from llmserve.scheduling.admission import Admission, Ticket
+from llmserve.serving.record import RequestRecord
 from llmserve.serving.run import run_on_engine
 from llmserve.validation.request import GenerationRequest
 

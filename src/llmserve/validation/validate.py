@@ -16,8 +16,8 @@ import orjson
 from pydantic import BaseModel
 
 from llmserve.config import Limits
-from llmserve.engines.base import PromptCodec
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
+from llmserve.validation.codec import PromptCodec
 from llmserve.validation.request import (
     ChatMessage,
     GenerationRequest,
