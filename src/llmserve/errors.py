@@ -6,8 +6,9 @@ responses in exactly one place. Messages are written for clients: no tracebacks,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import ClassVar
+
+from llmserve.quota import QuotaSnapshot
 
 
 class LLMServeError(Exception):
@@ -24,13 +25,14 @@ class LLMServeError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
-        headers: Mapping[str, str] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code: str = code if code is not None else self.default_code
-        self.headers = dict(headers or {})
+        # When to come back, in whole seconds (Retry-After, rendered by api.headers), if known.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidRequest(LLMServeError):
@@ -99,8 +101,7 @@ class Overloaded(LLMServeError):
     default_code = "overloaded"
 
     def __init__(self, message: str, *, retry_after_s: int, code: str | None = None) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
-        self.retry_after_s = retry_after_s
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 class QueueFull(Overloaded):
@@ -117,6 +118,17 @@ class RateLimited(LLMServeError):
     status = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+        quota: QuotaSnapshot | None = None,
+    ) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
+        self.quota = quota
 
 
 class PermissionDenied(LLMServeError):

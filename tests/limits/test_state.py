@@ -8,10 +8,11 @@ import re
 
 import pytest
 
+from llmserve.api.headers import duration, rate_limit_headers
 from llmserve.auth.principal import Principal
-from llmserve.limits.headers import duration, rate_limit_headers
-from llmserve.limits.state import Bucket, KeyLimits, Snapshot
+from llmserve.limits.state import Bucket, KeyLimits
 from llmserve.limits.store import MemoryStore
+from llmserve.quota import QuotaSnapshot
 
 
 class Clock:
@@ -193,7 +194,7 @@ def test_snapshot_reports_limits_remaining_and_time_to_full() -> None:
 
 def test_snapshot_has_none_for_limits_the_key_does_not_have() -> None:
     snap = KeyLimits(rpm=None, tpm=None, max_concurrent=4).reserve(5, "a", 0.0).snapshot
-    assert snap == Snapshot()
+    assert snap == QuotaSnapshot()
     rpm_only = KeyLimits(rpm=7, tpm=None, max_concurrent=None).reserve(5, "a", 0.0).snapshot
     assert rpm_only.limit_tokens is None and rpm_only.remaining_tokens is None
     assert rpm_only.remaining_requests == 6
@@ -274,7 +275,7 @@ def test_duration_uses_openai_reset_format(seconds: float, text: str) -> None:
 
 
 def test_rate_limit_headers_for_each_limit() -> None:
-    both = rate_limit_headers(Snapshot(3, 2, 20.0, 300, 200, 20.0))
+    both = rate_limit_headers(QuotaSnapshot(3, 2, 20.0, 300, 200, 20.0))
     assert both == {
         "x-ratelimit-limit-requests": "3",
         "x-ratelimit-remaining-requests": "2",
@@ -283,16 +284,16 @@ def test_rate_limit_headers_for_each_limit() -> None:
         "x-ratelimit-remaining-tokens": "200",
         "x-ratelimit-reset-tokens": "20s",
     }
-    requests_only = rate_limit_headers(Snapshot(3, 0, 60.0))
+    requests_only = rate_limit_headers(QuotaSnapshot(3, 0, 60.0))
     assert requests_only == {
         "x-ratelimit-limit-requests": "3",
         "x-ratelimit-remaining-requests": "0",
         "x-ratelimit-reset-requests": "1m0s",
     }
-    tokens_only = rate_limit_headers(Snapshot(limit_tokens=10, remaining_tokens=-4))
+    tokens_only = rate_limit_headers(QuotaSnapshot(limit_tokens=10, remaining_tokens=-4))
     assert tokens_only == {
         "x-ratelimit-limit-tokens": "10",
         "x-ratelimit-remaining-tokens": "0",  # never negative
         "x-ratelimit-reset-tokens": "0ms",
     }
-    assert rate_limit_headers(Snapshot()) == {}
+    assert rate_limit_headers(QuotaSnapshot()) == {}

@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from llmserve.api.headers import error_headers
 from llmserve.errors import QueueFull, QueueTimeout
 from llmserve.scheduling.admission import Admission, Permit, Ticket
 from llmserve.scheduling.queue_state import QueueLimits
@@ -71,9 +72,8 @@ def assert_empty(adm: Admission) -> None:
 
 def assert_retry_after(exc: QueueFull | QueueTimeout) -> None:
     assert exc.status == 503
-    header = exc.headers["Retry-After"]
-    assert header.isdigit() and 1 <= int(header) <= 60
-    assert int(header) == exc.retry_after_s
+    assert exc.retry_after_s is not None and 1 <= exc.retry_after_s <= 60
+    assert error_headers(exc)["Retry-After"] == str(exc.retry_after_s)
 
 
 # --- room / waiting -------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ async def test_draining_refuses_new_requests_but_serves_the_waiting_ones() -> No
     with pytest.raises(QueueFull) as info:
         await adm.acquire(ticket("new"))
     assert info.value.code == "draining"
-    assert info.value.headers == {"Retry-After": "5"}
+    assert info.value.retry_after_s == 5
     assert list(adm.state.waiting) == ["wait"]
     held.release()
     (await asyncio.wait_for(waiting, 0.5)).release()

@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from llmserve.api.headers import error_headers
 from llmserve.auth.principal import principal_for
 from llmserve.errors import ClientDisconnected, LLMServeError
 from llmserve.observability.metrics import count_rejection
@@ -35,7 +36,7 @@ async def _llmserve_error(request: Request, exc: Exception) -> Response:
     # request's own record (llmserve_requests_total), where it had one.
     if not isinstance(exc, ClientDisconnected):
         count_rejection(reason_for(exc), principal_for(request).name)
-    return json_response(exc.status, body_for(exc), exc.headers)
+    return json_response(exc.status, body_for(exc), error_headers(exc))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Send
 
+from llmserve.api.headers import rate_limit_headers
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.config import Limits
 from llmserve.engines import vllm_compat
@@ -154,12 +155,12 @@ async def serve(
                 opened = True
                 if isinstance(result, Response):  # embeddings: vLLM's own response, as it is
                     response = result
-                    response.headers.update(gate.headers)
+                    response.headers.update(rate_limit_headers(gate.quota))
                 else:
                     response = Response(
                         result.model_dump_json(by_alias=kind == "responses"),
                         200,
-                        gate.headers,
+                        rate_limit_headers(gate.quota),
                         media_type="application/json",
                     )
                 await response(request.scope, request.receive, send)
@@ -232,7 +233,10 @@ async def _create(serving: Any, wire: Any, kind: RequestKind) -> Any:
 
 
 def _head(gate: LayerGate) -> Message:
-    headers = [*_SSE_HEADERS, *((k.lower().encode(), v.encode()) for k, v in gate.headers.items())]
+    headers = [
+        *_SSE_HEADERS,
+        *((k.lower().encode(), v.encode()) for k, v in rate_limit_headers(gate.quota).items()),
+    ]
     return {"type": "http.response.start", "status": 200, "headers": headers}
 
 

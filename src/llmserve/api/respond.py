@@ -18,6 +18,7 @@ import logging
 from starlette.requests import Request
 from starlette.types import Message, Send
 
+from llmserve.api.headers import rate_limit_headers
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
 from llmserve.auth.principal import principal_for
@@ -100,7 +101,9 @@ async def respond(
                 # receipt finds its concurrency slot free again.
                 await run.close()
                 opened.yes = True
-                response = json_response(200, full_response(generation, result), run.headers)
+                response = json_response(
+                    200, full_response(generation, result), rate_limit_headers(run.quota)
+                )
                 await response(request.scope, request.receive, send)
             else:
                 body_send = server_send(request.scope, send)
@@ -126,7 +129,7 @@ async def _stream(
         "status": 200,
         "headers": [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in {**_SSE_HEADERS, **run.headers}.items()
+            for name, value in {**_SSE_HEADERS, **rate_limit_headers(run.quota)}.items()
         ],
     }
     keepalive = KeepAlive(send, lambda: start, keepalive_s, opened)

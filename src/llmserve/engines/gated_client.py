@@ -80,7 +80,7 @@ class GatedEngineClient:
             raise EngineUnavailable(
                 "the inference engine stopped and is restarting; retry shortly",
                 code="engine_restarting",
-                headers={"Retry-After": "10"},
+                retry_after_s=10,
             ) from exc
 
 

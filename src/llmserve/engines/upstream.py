@@ -448,6 +448,14 @@ def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
     response.close()
 
 
+def _retry_after(value: str | None) -> int:
+    """The upstream's Retry-After in whole seconds (1 when absent or an HTTP date)."""
+    try:
+        return max(1, math.ceil(float(value or "1")))
+    except ValueError:
+        return 1
+
+
 async def _upstream_error(response: aiohttp.ClientResponse, secret: str | None) -> LLMServeError:
     param = code = None
     try:
@@ -470,6 +478,6 @@ async def _upstream_error(response: aiohttp.ClientResponse, secret: str | None) 
         return EngineUnavailable(
             f"the upstream engine is overloaded: {message}",
             code="upstream_overloaded",
-            headers={"Retry-After": response.headers.get("Retry-After", "1")},
+            retry_after_s=_retry_after(response.headers.get("Retry-After")),
         )
     return EngineFailure(f"the upstream engine failed: {message}", code="upstream_http_error")

@@ -242,7 +242,7 @@ class VllmEngine:
             return EngineUnavailable(
                 "the inference engine stopped and is restarting; retry shortly",
                 code="engine_restarting",
-                headers={"Retry-After": "10"},
+                retry_after_s=10,
             )
         return EngineUnavailable("the engine is not running")
 

@@ -12,10 +12,10 @@ import anyio
 from llmserve.auth.principal import Principal
 from llmserve.config import RateLimitConfig
 from llmserve.errors import LimiterUnavailable, RateLimited
-from llmserve.limits.headers import rate_limit_headers
 from llmserve.limits.redis_store import RedisStore
 from llmserve.limits.store import LimitStore, MemoryStore
 from llmserve.observability.metrics import RATE_LIMIT_STORE_ERRORS, RATE_LIMIT_STORE_UP
+from llmserve.quota import QuotaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class Reservation:
     principal: Principal
     request_id: str
     cost: int
-    headers: dict[str, str]
+    quota: QuotaSnapshot
 
 
 class RateLimiter:
@@ -66,15 +66,15 @@ class RateLimiter:
             self._store_failed(exc)
             return None
         RATE_LIMIT_STORE_UP.set(1)
-        headers = rate_limit_headers(decision.snapshot)
         if not decision.allowed:
             retry = max(1, math.ceil(decision.retry_after_s))
             raise RateLimited(
                 f"rate limit reached for key '{principal.name}' ({_what(decision.reason)}); "
                 f"retry after {retry} s",
-                headers={**headers, "Retry-After": str(retry)},
+                retry_after_s=retry,
+                quota=decision.snapshot,
             )
-        return Reservation(principal, request_id, cost, headers)
+        return Reservation(principal, request_id, cost, decision.snapshot)
 
     async def release(self, reservation: Reservation | None, used_tokens: int) -> None:
         """Free the concurrency slot and refund the tokens reserved but not used. Never raises."""

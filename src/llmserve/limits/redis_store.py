@@ -15,7 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from llmserve.auth.principal import Principal
-from llmserve.limits.state import Decision, Snapshot
+from llmserve.limits.state import Decision
+from llmserve.quota import QuotaSnapshot
 
 _LEVEL = """
 local function level(key, cap, now)
@@ -112,7 +113,7 @@ class RedisStore:
         ]
         reason, wait, rl, tl = await self._reserve(keys=self._keys(principal.name), args=args)
         requests_left, tokens_left = float(rl), float(tl)
-        snapshot = Snapshot(
+        snapshot = QuotaSnapshot(
             principal.rpm,
             int(requests_left) if principal.rpm else None,
             (principal.rpm - requests_left) * 60 / principal.rpm if principal.rpm else None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmserve.quota import QuotaSnapshot
+
 WINDOW_S = 60.0
 
 
@@ -32,24 +34,12 @@ class Bucket:
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What the x-ratelimit-* headers say; None fields are limits the key does not have."""
-
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    reset_requests_s: float | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_tokens_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     # "requests", "tokens" or "concurrency" when refused.
     reason: str
     retry_after_s: float
-    snapshot: Snapshot
+    snapshot: QuotaSnapshot
 
 
 @dataclass(slots=True)
@@ -91,9 +81,9 @@ class KeyLimits:
         if self.tokens is not None and refund > 0:
             self.tokens.level = min(self.tokens.capacity, self.tokens.level + refund)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> QuotaSnapshot:
         r, t = self.requests, self.tokens
-        return Snapshot(
+        return QuotaSnapshot(
             self.rpm,
             int(r.level) if r else None,
             r.seconds_to_full() if r else None,

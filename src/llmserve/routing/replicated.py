@@ -244,7 +244,7 @@ class ReplicatedEngine:
             f"no healthy replica of model '{self._model}' ({total - self._balancer.healthy_count}"
             f" of {total} out)",
             code="no_healthy_replica",
-            headers={"Retry-After": str(max(1, math.ceil(self._health.probe_interval_s)))},
+            retry_after_s=max(1, math.ceil(self._health.probe_interval_s)),
         )
 
     async def _watch(self, index: int) -> None:

@@ -24,6 +24,7 @@ from llmserve.engines.events import ChoiceFinished, TextDelta, UsageReport, fini
 from llmserve.engines.gated_client import EngineRequest
 from llmserve.errors import EngineTimeout, LLMServeError
 from llmserve.limits.limiter import Reservation
+from llmserve.quota import QuotaSnapshot
 from llmserve.scheduling.admission import Permit
 from llmserve.serving.gateway import Gateway
 from llmserve.serving.record import RequestRecord
@@ -59,7 +60,8 @@ class LayerGate:
         self._permit: Permit | None = None
         self._unfinished = 0
         self.record: RequestRecord | None = None
-        self.headers: dict[str, str] = {}
+        # The key's quota after the reservation, for the x-ratelimit-* headers (api.headers).
+        self.quota: QuotaSnapshot | None = None
         # The llmserve error that stopped the request, for the route to answer with its own
         # status: vLLM's serving code turns exceptions into its own error responses.
         self.error: LLMServeError | None = None
@@ -101,7 +103,7 @@ class LayerGate:
         ticket = ticket_for(self._request, generation, principal, config, self._timeout_s)
         self._reservation = await self._gw.limiter.reserve(principal, ticket.cost, self._request_id)
         if self._reservation is not None:
-            self.headers = dict(self._reservation.headers)
+            self.quota = self._reservation.quota
         self.record = RequestRecord(generation, principal.name)
         self.record.start_span(self._request.headers)
         self._request.scope.setdefault("state", {})["record"] = self.record

@@ -33,7 +33,8 @@ class RequestRun:
         self._reservation = reservation
         self._closed = False
         self.record = record
-        self.headers = dict(reservation.headers) if reservation else {}
+        # The key's quota after the reservation, for the x-ratelimit-* headers (api.headers).
+        self.quota = reservation.quota if reservation else None
         if record.trace_headers:
             generation = dataclasses.replace(generation, trace_headers=record.trace_headers)
         # The record observes the run by plain calls: no extra generator layer per token.
