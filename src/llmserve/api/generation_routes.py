@@ -22,10 +22,12 @@ from starlette.types import Receive, Scope, Send
 
 from llmserve.api import layer_routes
 from llmserve.api.body import load_json, parse_json
-from llmserve.api.respond import authorize, respond, start
+from llmserve.api.respond import respond
+from llmserve.auth.principal import authorize, principal_for
 from llmserve.config import Limits
 from llmserve.errors import InvalidRequest
 from llmserve.serving.gateway import Gateway
+from llmserve.serving.request_run import Caller, start_run
 from llmserve.streaming.encoders import (
     GenerateStreamEncoder,
     OpenAIStreamEncoder,
@@ -71,7 +73,8 @@ class GenerationRoute:
         if self._layer is not None and await _served_by_layer(request, send, gw, raw, self._layer):
             return
         generation, encoder = await self._prepare(request, gw, raw)
-        run = await start(request, gw, generation)
+        run = await start_run(gw, generation, Caller(principal_for(request), request.headers))
+        scope.setdefault("state", {})["record"] = run.record  # for the access line
         await respond(request, send, run, generation, encoder, gw.settings.keepalive_interval_s)
 
 

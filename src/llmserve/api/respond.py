@@ -1,5 +1,5 @@
-"""From a validated request to an HTTP response: one whole JSON body, or an SSE stream, sent
-straight to the ASGI ``send``.
+"""From a request's run (``serving.request_run``) to an HTTP response: one whole JSON body, or
+an SSE stream, sent straight to the ASGI ``send``.
 
 A stream's status is decided before its first byte where it can be: the first engine event is
 awaited first, so a request refused by the queue or failing before its first token gets a real
@@ -12,7 +12,6 @@ that goes away stops the request wherever it is (``DisconnectWatch``).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 
 from starlette.requests import Request
@@ -21,15 +20,10 @@ from starlette.types import Message, Send
 from llmserve.api.headers import rate_limit_headers
 from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
-from llmserve.auth.principal import principal_for
-from llmserve.config import RemoteModel
 from llmserve.engines.events import EngineEvent, RawFrame, TextDelta
-from llmserve.errors import ClientDisconnected, LLMServeError, PermissionDenied
-from llmserve.serving.gateway import Gateway
-from llmserve.serving.record import RequestRecord
+from llmserve.errors import ClientDisconnected, LLMServeError
 from llmserve.serving.request_run import RequestRun
 from llmserve.serving.run import collect
-from llmserve.serving.ticket import ticket_for
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response
@@ -45,40 +39,6 @@ _SSE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",
 }
-
-
-def authorize(request: Request, model: str, canonical: str | None = None) -> None:
-    """403 unless the caller's key may use ``model`` (by that name or its model's name)."""
-    principal = principal_for(request)
-    if not principal.allows(model) and not (canonical and principal.allows(canonical)):
-        raise PermissionDenied(f"this API key may not use the model '{model[:256]}'", param="model")
-
-
-async def start(request: Request, gw: Gateway, generation: GenerationRequest) -> RequestRun:
-    """Reserve the key's quota (429 when over it), then set up queue and engine."""
-    principal = principal_for(request)
-    config = gw.models.config(generation.model)
-    timeout_s = gw.settings.limits.request_timeout_s
-    if isinstance(config, RemoteModel):
-        timeout_s = min(timeout_s, config.total_timeout_s or timeout_s)
-        session = request.headers.get(config.routing.session_header)
-        if session:
-            generation = dataclasses.replace(generation, session=session)
-    ticket = ticket_for(request, generation, principal, config, timeout_s)
-    reservation = await gw.limiter.reserve(principal, ticket.cost, generation.request_id)
-    record = RequestRecord(generation, principal.name)
-    record.start_span(request.headers)
-    request.scope.setdefault("state", {})["record"] = record  # for the access line
-    return RequestRun(
-        gw.models.get(generation.model),
-        generation,
-        timeout_s,
-        gw.models.admission(generation.model),
-        ticket,
-        gw.limiter,
-        reservation,
-        record,
-    )
 
 
 async def respond(

@@ -13,8 +13,8 @@ from starlette.responses import Response
 
 from llmserve.api.body import load_json
 from llmserve.api.layer_routes import parse_vllm, rejected
-from llmserve.api.respond import authorize
 from llmserve.api.state import gateway
+from llmserve.auth.principal import authorize
 from llmserve.engines import vllm_compat
 from llmserve.errors import InvalidRequest
 from llmserve.routing.replicated import ReplicatedEngine

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from llmserve.auth.keys import KeyRecord
+from llmserve.errors import PermissionDenied
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,3 +66,10 @@ def principal_for(request: Request) -> Principal:
         return ANONYMOUS
     digest = hashlib.sha256(token.strip().encode()).hexdigest()[:12]
     return Principal(ANONYMOUS.name, tenant=f"token-{digest}")
+
+
+def authorize(request: Request, model: str, canonical: str | None = None) -> None:
+    """403 unless the caller's key may use ``model`` (by that name or its model's name)."""
+    principal = principal_for(request)
+    if not principal.allows(model) and not (canonical and principal.allows(canonical)):
+        raise PermissionDenied(f"this API key may not use the model '{model[:256]}'", param="model")

@@ -100,7 +100,7 @@ class LayerGate:
         generation = self._generation()
         principal = principal_for(self._request)
         config = self._gw.models.config(self._model)
-        ticket = ticket_for(self._request, generation, principal, config, self._timeout_s)
+        ticket = ticket_for(self._request.headers, generation, principal, config, self._timeout_s)
         self._reservation = await self._gw.limiter.reserve(principal, ticket.cost, self._request_id)
         if self._reservation is not None:
             self.quota = self._reservation.quota

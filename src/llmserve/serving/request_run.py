@@ -6,15 +6,55 @@ depends on the garbage collector finalising a generator."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import anyio
 
+from llmserve.auth.principal import Principal
+from llmserve.config import RemoteModel
 from llmserve.engines.base import Engine
 from llmserve.limits.limiter import RateLimiter, Reservation
 from llmserve.scheduling.admission import Admission, Ticket
+from llmserve.serving.gateway import Gateway
 from llmserve.serving.record import RequestRecord
 from llmserve.serving.run import run_on_engine
+from llmserve.serving.ticket import ticket_for
 from llmserve.validation.request import GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What serving needs of the HTTP request: who asks, and the headers it sent (session,
+    queue timeout, trace context)."""
+
+    principal: Principal
+    headers: Mapping[str, str]
+
+
+async def start_run(gw: Gateway, generation: GenerationRequest, caller: Caller) -> RequestRun:
+    """Reserve the key's quota (429 when over it), then set up queue and engine."""
+    config = gw.models.config(generation.model)
+    timeout_s = gw.settings.limits.request_timeout_s
+    if isinstance(config, RemoteModel):
+        timeout_s = min(timeout_s, config.total_timeout_s or timeout_s)
+        session = caller.headers.get(config.routing.session_header)
+        if session:
+            generation = dataclasses.replace(generation, session=session)
+    ticket = ticket_for(caller.headers, generation, caller.principal, config, timeout_s)
+    reservation = await gw.limiter.reserve(caller.principal, ticket.cost, generation.request_id)
+    record = RequestRecord(generation, caller.principal.name)
+    record.start_span(caller.headers)
+    return RequestRun(
+        gw.models.get(generation.model),
+        generation,
+        timeout_s,
+        gw.models.admission(generation.model),
+        ticket,
+        gw.limiter,
+        reservation,
+        record,
+    )
 
 
 class RequestRun:

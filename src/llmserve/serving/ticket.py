@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-
-from starlette.requests import Request
+from collections.abc import Mapping
 
 from llmserve.auth.principal import Principal
 from llmserve.config import ModelConfig
@@ -16,7 +15,7 @@ QUEUE_TIMEOUT_HEADER = "x-queue-timeout"
 
 
 def ticket_for(
-    request: Request,
+    headers: Mapping[str, str],
     generation: GenerationRequest,
     principal: Principal,
     model: ModelConfig,
@@ -29,15 +28,15 @@ def ticket_for(
         tenant=principal.tenant,
         cost=generation.prompt_tokens + sampling.max_tokens * sampling.n,
         prompt_tokens=generation.prompt_tokens,
-        timeout_s=_queue_timeout(request, min(model.admission.queue_timeout_s, request_timeout_s)),
+        timeout_s=_queue_timeout(headers, min(model.admission.queue_timeout_s, request_timeout_s)),
         weight=principal.weight,
         priority=max(principal.priority, generation.priority),
     )
 
 
-def _queue_timeout(request: Request, longest: float) -> float:
+def _queue_timeout(headers: Mapping[str, str], longest: float) -> float:
     """The model's queue timeout, or a shorter one asked for in the X-Queue-Timeout header."""
-    raw = request.headers.get(QUEUE_TIMEOUT_HEADER)
+    raw = headers.get(QUEUE_TIMEOUT_HEADER)
     if raw is None:
         return longest
     try:
