@@ -26,7 +26,8 @@ from typing import Any
 
 from llmserve.config import ManagedModel
 from llmserve.engines.events import EngineEvent
-from llmserve.engines.upstream import EstimatingCodec, UpstreamEngine
+from llmserve.engines.upstream.client import UpstreamEngine
+from llmserve.engines.upstream.codec import EstimatingCodec
 from llmserve.models.embedded import ensure_embedded_model
 from llmserve.observability import metrics as prom
 from llmserve.validation.request import GenerationRequest

@@ -12,7 +12,7 @@ from llmserve.config import ManagedModel, ModelConfig, SimulatedModel, UpstreamM
 from llmserve.engines.base import Engine
 from llmserve.engines.managed import ManagedServer
 from llmserve.engines.simulated import SimulatedEngine
-from llmserve.engines.upstream import UpstreamEngine
+from llmserve.engines.upstream.client import UpstreamEngine
 from llmserve.errors import ModelNotFound
 from llmserve.observability.collectors import GatewayGauges, ModelGauges, ReplicaGauges
 from llmserve.routing.replicated import ReplicaStatus, ReplicatedEngine

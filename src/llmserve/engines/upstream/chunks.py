@@ -1,24 +1,21 @@
-"""What an OpenAI-compatible upstream sends, read as llmserve's engine events: streamed chat
-and completion chunks (with the fields llmserve does not model relayed as ``Passthrough``), the
-Responses API's named events, and whole embeddings answers. Pure functions of the bytes or JSON
-received; the connection and its timeouts are ``engines.upstream``'s. Anything not shaped as
-expected is an ``EngineFailure`` with code ``upstream_malformed``, never an internal error."""
+"""Streamed chat and completion chunks of an OpenAI-compatible upstream, read as engine events;
+the fields llmserve does not model are relayed as ``Passthrough``. Pure functions of the JSON
+received. Anything not shaped as expected is an ``EngineFailure`` with code
+``upstream_malformed``, never an internal error."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
     Passthrough,
-    RawFrame,
     TextDelta,
     TokenLogprob,
     UsageReport,
 )
+from llmserve.engines.upstream.failures import redact
 from llmserve.errors import EngineFailure, LLMServeError
 
 # What llmserve itself reads of an upstream chunk; everything else is relayed (``Passthrough``).
@@ -26,59 +23,6 @@ _CHUNK_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
 _CHOICE_OWN = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
 _DELTA_OWN = frozenset({"role", "content"})
 _USAGE_OWN = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
-# Events that end a Responses stream: the response object they carry is the whole answer.
-RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-
-
-def responses_frame(name: str | None, payload: bytes, secret: str | None) -> RawFrame:
-    try:
-        data = orjson.loads(payload)
-        kind = str(data.get("type") or name or "")
-    except (orjson.JSONDecodeError, AttributeError) as exc:
-        raise EngineFailure(
-            "the upstream engine sent a malformed event", code="upstream_malformed"
-        ) from exc
-    if kind == "error":
-        message = redact(str(data.get("message") or data.get("error") or data), secret)
-        raise EngineFailure(f"the upstream engine failed: {message}", code="upstream_error")
-    # Deltas of generated text (output, reasoning) count one token each, for metrics only.
-    return RawFrame(kind, data, 1 if kind.endswith(".delta") else 0)
-
-
-def responses_usage(frame: RawFrame) -> UsageReport:
-    response = frame.data.get("response")
-    usage = response.get("usage") if isinstance(response, dict) else None
-    if not isinstance(response, dict) or not isinstance(usage, dict):
-        raise EngineFailure("the upstream response carries no usage", code="upstream_malformed")
-    try:
-        return UsageReport(int(usage["input_tokens"]), int(usage["output_tokens"]), None, response)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineFailure(
-            "the upstream response carries no usage", code="upstream_malformed"
-        ) from exc
-
-
-def embeddings_event(raw: bytes) -> UsageReport:
-    """An upstream's embeddings answer: its counts, and its body (data, object, created, ...)
-    as the fields that carried them; llmserve sets the id and the model name."""
-    try:
-        body = orjson.loads(raw)
-        usage = body["usage"]
-        prompt = int(usage["prompt_tokens"])
-        if prompt < 0 or not isinstance(body.get("data"), list):
-            raise ValueError("no embeddings")
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise EngineFailure(
-            f"the upstream engine sent a malformed answer ({type(exc).__name__})",
-            code="upstream_malformed",
-        ) from exc
-    details = {k: v for k, v in usage.items() if k not in ("prompt_tokens", "total_tokens")}
-    fields = {k: v for k, v in body.items() if k not in ("id", "model", "usage")}
-    return UsageReport(prompt, 0, details or None, fields)
-
-
-def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "[redacted]") if secret else text
 
 
 def chunk_events(chunk: Any, chat: bool, n: int, secret: str | None) -> list[EngineEvent]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -18,14 +17,17 @@ from pydantic import SecretStr
 
 from llmserve.config import ManagedModel, UpstreamModel
 from llmserve.engines.events import EngineEvent
-from llmserve.engines.upstream_events import (
+from llmserve.engines.upstream.answers import (
     RESPONSES_TERMINAL,
-    chunk_events,
     embeddings_event,
-    redact,
     responses_frame,
     responses_usage,
 )
+from llmserve.engines.upstream.body import forwarded_body
+from llmserve.engines.upstream.chunks import chunk_events
+from llmserve.engines.upstream.codec import EstimatingCodec
+from llmserve.engines.upstream.failures import interrupt, no_token, unreachable, upstream_error
+from llmserve.engines.upstream.silence import Silence
 from llmserve.errors import (
     EngineFailure,
     EngineTimeout,
@@ -33,36 +35,12 @@ from llmserve.errors import (
     InvalidRequest,
     LLMServeError,
 )
-from llmserve.validation.request import ChatMessage, GenerationRequest
+from llmserve.validation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-# Without the upstream's tokenizer we estimate: about four bytes of UTF-8 per token for English.
-_BYTES_PER_TOKEN = 4
 # After [DONE], how long the end of the body may take before the connection is just closed.
 _AFTER_DONE_S = 1.0
-# Fields of the client's body that are llmserve's, not the upstream's: the queue honours the
-# priority (vLLM refuses one unless started with priority scheduling); the stream is llmserve's.
-_NOT_FORWARDED = ("priority", "stream", "stream_options")
-
-
-class EstimatingCodec:
-    """Token counts estimated from bytes; the upstream applies its own template and limits."""
-
-    @property
-    def max_model_len(self) -> int | None:
-        # An estimate must not reject a prompt the upstream would take: let the upstream decide.
-        return None
-
-    @property
-    def exact(self) -> bool:
-        return False
-
-    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
-        return "\n".join(f"{m.role}: {m.content}" for m in messages)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [0] * math.ceil(len(text.encode()) / _BYTES_PER_TOKEN)
 
 
 class UpstreamEngine:
@@ -117,15 +95,15 @@ class UpstreamEngine:
             raise EngineUnavailable("the upstream engine is not started")
         return self._session
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         if request.kind == "embeddings":
-            async for event in self._embeddings(request):
-                yield event
-            return
+            return self._embeddings(request)
         if request.kind == "responses":
-            async for event in self._responses(request):
-                yield event
-            return
+            return self._responses(request)
+        return self._chunks(request)
+
+    async def _chunks(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        """Chat and completions: the upstream's SSE chunks, read as engine events."""
         chat = request.messages is not None
         path = "v1/chat/completions" if chat else "v1/completions"
         # One deadline for the first token, whatever arrives before it (headers, keep-alives).
@@ -133,13 +111,13 @@ class UpstreamEngine:
         response = await self._connect(path, request, first_token_by)
         self._open[request.request_id] = response
         loop = asyncio.get_running_loop()
-        silence = _Silence(loop, first_token_by, response)
+        silence = Silence(loop, first_token_by, response)
         between = self._config.between_tokens_timeout_s
         done = False  # [DONE] seen: the stream is complete, whatever follows
         started = False  # an event was yielded: later failures are "between tokens"
         try:
             if response.status != 200:
-                raise await _upstream_error(response, self._secret)
+                raise await upstream_error(response, self._secret)
             # One flat loop over whatever bytes arrived (usually one whole event): this is the
             # per-token hot path of upstream streams.
             buffered = b""
@@ -178,14 +156,10 @@ class UpstreamEngine:
         except (aiohttp.ClientError, EngineFailure, TimeoutError) as exc:
             if done:
                 return  # complete; the body's end did not follow in time: just close
-            if silence.expired or isinstance(exc, TimeoutError):
-                raise _no_token(started) from exc
-            if isinstance(exc, aiohttp.ClientError):
-                raise EngineFailure(
-                    f"the upstream stream broke ({type(exc).__name__})",
-                    code="upstream_broken_stream",
-                ) from exc
-            raise
+            failure = _broken(exc, silence.expired, started)
+            if failure is exc:
+                raise
+            raise failure from exc
         finally:
             silence.cancel()
             self._open.pop(request.request_id, None)
@@ -207,9 +181,9 @@ class UpstreamEngine:
                 code="upstream_connect_timeout",
             ) from exc
         except aiohttp.ClientError as exc:
-            raise _unreachable(exc) from exc
+            raise unreachable(exc) from exc
         except TimeoutError as exc:
-            raise _no_token(started=False) from exc
+            raise no_token(started=False) from exc
 
     async def _embeddings(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
         """A whole (unstreamed) embeddings answer, as one usage event carrying its body. The
@@ -220,12 +194,12 @@ class UpstreamEngine:
         read = False
         try:
             if response.status != 200:
-                raise await _upstream_error(response, self._secret)
+                raise await upstream_error(response, self._secret)
             async with asyncio.timeout_at(deadline):
                 raw = await response.read()
             read = True
         except TimeoutError as exc:
-            raise _no_token(started=False) from exc
+            raise no_token(started=False) from exc
         except aiohttp.ClientError as exc:
             raise EngineFailure(
                 f"the upstream answer broke ({type(exc).__name__})", code="upstream_broken_stream"
@@ -247,12 +221,12 @@ class UpstreamEngine:
         first_token_by = loop.time() + self._config.first_token_timeout_s
         response = await self._connect("v1/responses", request, first_token_by)
         self._open[request.request_id] = response
-        silence = _Silence(loop, first_token_by, response)
+        silence = Silence(loop, first_token_by, response)
         between = self._config.between_tokens_timeout_s
         started = finished = False
         try:
             if response.status != 200:
-                raise await _upstream_error(response, self._secret)
+                raise await upstream_error(response, self._secret)
             name = None
             async for line in response.content:
                 line = line.rstrip(b"\r\n")
@@ -277,7 +251,7 @@ class UpstreamEngine:
         # ValueError: a line longer than the read buffer.
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if silence.expired or isinstance(exc, TimeoutError):
-                raise _no_token(started) from exc
+                raise no_token(started) from exc
             raise EngineFailure(
                 f"the upstream stream broke ({type(exc).__name__})", code="upstream_broken_stream"
             ) from exc
@@ -287,7 +261,7 @@ class UpstreamEngine:
             response.close()
 
     async def _post(self, path: str, request: GenerationRequest) -> aiohttp.ClientResponse:
-        body, headers = self._body(request), dict(request.trace_headers)
+        body, headers = forwarded_body(request, self._model), dict(request.trace_headers)
         try:
             return await self._client().post(path, json=body, headers=headers)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -297,55 +271,6 @@ class UpstreamEngine:
             # so the request is sent again, once, on a new connection.
             log.debug("upstream %s closed a pooled connection; sending again", self._url)
             return await self._client().post(path, json=body, headers=headers)
-
-    def _body(self, request: GenerationRequest) -> dict[str, Any]:
-        if request.kind in ("embeddings", "responses"):
-            assert request.body is not None
-            sent = {k: v for k, v in request.body.items() if k != "priority"}
-            sent["model"] = self._model
-            if request.kind == "responses":
-                sent["stream"] = True  # read as a stream, whatever the client asked for
-            return sent
-        if request.body is not None:
-            # The client's own request, every field as sent: the upstream gives each one its
-            # meaning (tools, response_format, min_tokens, content parts, chat_template_kwargs,
-            # ...). Only the model name and the streaming llmserve reads are set here.
-            sent = {k: v for k, v in request.body.items() if k not in _NOT_FORWARDED}
-            sent["model"] = self._model
-            sent["stream"] = True
-            sent["stream_options"] = {"include_usage": True}
-            return sent
-        s = request.sampling
-        body: dict[str, Any] = {
-            "model": self._model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "n": s.n,
-            "presence_penalty": s.presence_penalty,
-            "frequency_penalty": s.frequency_penalty,
-        }
-        if s.ignore_eos:
-            body["ignore_eos"] = True
-        optional = {
-            # Only what the client asked for: the upstream knows its context, we only estimate.
-            "max_tokens": s.requested_max_tokens,
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "top_k": s.top_k,
-            "seed": s.seed,
-            "stop": list(s.stop) or None,
-        }
-        body.update({k: v for k, v in optional.items() if v is not None})
-        if request.messages is not None:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-            if s.logprobs is not None:
-                body["logprobs"] = True
-                body["top_logprobs"] = s.logprobs
-        else:
-            body["prompt"] = request.prompt
-            if s.logprobs is not None:
-                body["logprobs"] = s.logprobs
-        return body
 
     async def post_json(self, path: str, body: dict[str, Any]) -> bytes:
         """One whole JSON call that is no generation (``tokenize``, ``detokenize``): the
@@ -363,17 +288,17 @@ class UpstreamEngine:
                             code="unsupported_model",
                         )
                     if response.status != 200:
-                        raise await _upstream_error(response, self._secret)
+                        raise await upstream_error(response, self._secret)
                     return await response.read()
         except aiohttp.ClientError as exc:
-            raise _unreachable(exc) from exc
+            raise unreachable(exc) from exc
         except TimeoutError as exc:
-            raise _no_token(started=False) from exc
+            raise no_token(started=False) from exc
 
     async def abort(self, request_id: str) -> None:
         response = self._open.pop(request_id, None)
         if response is not None:
-            _interrupt(response, aiohttp.ClientConnectionError("aborted"))
+            interrupt(response, aiohttp.ClientConnectionError("aborted"))
 
     async def check_health(self) -> bool:
         try:
@@ -388,96 +313,13 @@ class UpstreamEngine:
             self._session = None
 
 
-class _Silence:
-    """Closes the upstream response when no token arrives before ``deadline``. Each token moves
-    the deadline with one float store; the timer re-arms itself lazily when it fires early, so a
-    stream costs one timer, not one per token."""
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, deadline: float, response: aiohttp.ClientResponse
-    ) -> None:
-        self.deadline = deadline
-        self.expired = False
-        self._loop = loop
-        self._response = response
-        self._armed_at = deadline
-        self._handle = loop.call_at(deadline, self._check)
-
-    def move(self, deadline: float) -> None:
-        self.deadline = deadline
-        if deadline < self._armed_at:  # earlier than the timer: re-arm (the first token, once)
-            self._handle.cancel()
-            self._armed_at = deadline
-            self._handle = self._loop.call_at(deadline, self._check)
-
-    def end_soon(self, deadline: float) -> None:
-        """A hard deadline, earlier or later than the current one."""
-        self._handle.cancel()
-        self.deadline = self._armed_at = deadline
-        self._handle = self._loop.call_at(deadline, self._check)
-
-    def _check(self) -> None:
-        if self._loop.time() < self.deadline:
-            self._armed_at = self.deadline
-            self._handle = self._loop.call_at(self.deadline, self._check)
-            return
-        self.expired = True
-        _interrupt(self._response, TimeoutError())
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
-def _unreachable(exc: aiohttp.ClientError) -> EngineUnavailable:
-    return EngineUnavailable(
-        f"the upstream engine is unreachable ({type(exc).__name__})", code="upstream_unreachable"
-    )
-
-
-def _no_token(started: bool) -> EngineTimeout:
-    if started:
-        return EngineTimeout(
-            "the upstream engine stopped sending tokens", code="between_tokens_timeout"
-        )
-    return EngineTimeout("the upstream engine sent no token in time", code="first_token_timeout")
-
-
-def _interrupt(response: aiohttp.ClientResponse, exc: BaseException) -> None:
-    """Close the upstream stream and wake a reader blocked on it (closing alone does not)."""
-    response.content.set_exception(exc)
-    response.close()
-
-
-def _retry_after(value: str | None) -> int:
-    """The upstream's Retry-After in whole seconds (1 when absent or an HTTP date)."""
-    try:
-        return max(1, math.ceil(float(value or "1")))
-    except ValueError:
-        return 1
-
-
-async def _upstream_error(response: aiohttp.ClientResponse, secret: str | None) -> LLMServeError:
-    param = code = None
-    try:
-        error = (await response.json(content_type=None, loads=orjson.loads))["error"]
-        message = redact(str(error["message"]), secret)
-        param, code = error.get("param"), error.get("code")
-    except Exception:
-        message = f"status {response.status}"
-    if response.status in (400, 422):
-        return InvalidRequest(
-            f"the upstream engine rejected the request: {message}",
-            param=param if isinstance(param, str) else None,
-            code=code if isinstance(code, str) else None,
-        )
-    if response.status in (404,):
+def _broken(exc: BaseException, expired: bool, started: bool) -> LLMServeError:
+    """What a stream that ended early is called: a timeout if the timer cut it, else broken."""
+    if expired or isinstance(exc, TimeoutError):
+        return no_token(started)
+    if isinstance(exc, aiohttp.ClientError):
         return EngineFailure(
-            f"the upstream engine does not serve this model: {message}", code="upstream_http_error"
+            f"the upstream stream broke ({type(exc).__name__})", code="upstream_broken_stream"
         )
-    if response.status in (429, 503):
-        return EngineUnavailable(
-            f"the upstream engine is overloaded: {message}",
-            code="upstream_overloaded",
-            retry_after_s=_retry_after(response.headers.get("Retry-After")),
-        )
-    return EngineFailure(f"the upstream engine failed: {message}", code="upstream_http_error")
+    assert isinstance(exc, LLMServeError)
+    return exc
