@@ -1,65 +1,26 @@
-"""Shared fixtures: a real uvicorn server on 127.0.0.1 (real sockets, incremental delivery)."""
+"""Shared fixtures: the gateway with the simulated engines, on a real loopback socket (started
+by tests/support/gateway.py, which also runs gateways as processes)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
-from aiohttp import web
 
-from llmserve.app import create_app
-from llmserve.config import AdmissionConfig, Limits, Settings, SimulatedModel
-from llmserve.engines.registry import ModelRegistry
+from llmserve.config import AdmissionConfig, AuthConfig, Limits, Settings, SimulatedModel
 from llmserve.engines.simulated import SimulatedEngine
-from llmserve.server import uvicorn_config
+from tests.support.gateway import RunningServer, free_port, serve
 
-# The suite runs with API keys off unless a test turns them on (tests/auth does, with its own
-# keys file); servers started as subprocesses inherit this too.
-os.environ["LLMSERVE_AUTH__ENABLED"] = "false"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-async def start_openai_server(
-    port: int, generate: Handler, health: Handler, shutdown_timeout_s: float = 0.5
-) -> web.AppRunner:
-    """A fake OpenAI-compatible server on loopback: the generation routes, embeddings,
-    responses and /health. The port may be reused at once, so a test can stop it and start it
-    again in the same place."""
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", generate)
-    app.router.add_post("/v1/completions", generate)
-    app.router.add_post("/v1/embeddings", generate)
-    app.router.add_post("/v1/responses", generate)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
-    return runner
-
-
-@dataclass
-class RunningServer:
-    url: str
-    settings: Settings
-    models: ModelRegistry
-
-    def engine(self, name: str) -> Any:
-        return self.models.get(name)
+# Re-exported: many test modules import these from here.
+__all__ = [
+    "RunningServer",
+    "free_port",
+    "serve",
+    "sim_engine",
+    "simulated_models",
+    "simulated_settings",
+]
 
 
 def simulated_models(
@@ -88,28 +49,10 @@ def simulated_models(
 
 
 def simulated_settings(**limits: Any) -> Settings:
-    return Settings(models=simulated_models(), limits=Limits(**limits))
-
-
-@asynccontextmanager
-async def serve(settings: Settings, port: int | None = None) -> AsyncIterator[RunningServer]:
-    """Run the real app under uvicorn (httptools) in this event loop, on a loopback port: a
-    free one, or ``port`` (a server that comes back where it was)."""
-    registry = ModelRegistry.from_config(settings.models, settings.cache_dir)
-    app = create_app(settings, registry)
-    port = port or free_port()
-    config = uvicorn_config(app, "127.0.0.1", port, "warning", settings.limits)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", settings, registry)
-    finally:
-        server.should_exit = True
-        await task
+    """The simulated models with these limits, API keys off."""
+    return Settings(
+        models=simulated_models(), limits=Limits(**limits), auth=AuthConfig(enabled=False)
+    )
 
 
 @pytest.fixture

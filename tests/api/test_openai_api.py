@@ -4,7 +4,6 @@ details. "sim" emits " the quick brown fox jumps over a lazy dog." (choice i sta
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +12,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from tests.conftest import RunningServer, serve, sim_engine, simulated_settings
+from tests.support import sse
+from tests.support.errors import assert_openai_error
+from tests.support.sse import Event
 
 WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -33,52 +35,6 @@ async def _close_sdk_clients() -> AsyncIterator[None]:
     yield
     while _sdk_clients:
         await _sdk_clients.pop().close()
-
-
-def parse_sse(stream: str) -> list[tuple[str, str]]:
-    """(event name, data) per event, following the SSE spec's line and dispatch rules."""
-    events: list[tuple[str, str]] = []
-    name, data = "", []
-    for line in re.split(r"\r\n|\r|\n", stream):
-        if line == "":
-            if data:
-                events.append((name or "message", "\n".join(data)))
-            name, data = "", []
-        elif not line.startswith(":"):
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data":
-                data.append(value)
-            elif field == "event":
-                name = value
-    return events
-
-
-def assert_openai_error(
-    response: httpx.Response,
-    status: int,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    error_type: str | None = None,
-) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert "Traceback" not in response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    assert isinstance(error["type"], str)
-    if param is not None:
-        assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    if error_type is not None:
-        assert error["type"] == error_type
-    return error
 
 
 @pytest.fixture
@@ -279,11 +235,11 @@ async def test_raw_stream_framing_ends_with_done(http: httpx.AsyncClient) -> Non
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-store"
-        raw = (await response.aread()).decode()
-    events = parse_sse(raw)
-    assert events[-1] == ("message", "[DONE]")
-    assert sum(data == "[DONE]" for _, data in events) == 1
-    chunks = [json.loads(data) for _, data in events[:-1]]
+        raw = await response.aread()
+    events = sse.events(sse.parse(raw))
+    assert events[-1] == Event("[DONE]")
+    assert sum(e.done for e in events) == 1
+    chunks = [e.json() for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["choices"][0]["delta"].get("content") for c in chunks[1:3]] == list(WORDS[:2])
     assert chunks[-1]["choices"][0] == {
@@ -389,25 +345,25 @@ async def test_generate_streams_one_event_per_token_then_end(http: httpx.AsyncCl
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        raw = (await response.aread()).decode()
-    events = parse_sse(raw)
-    assert [name for name, _ in events] == ["message"] * 5 + ["end"]
-    assert [json.loads(data) for _, data in events[:5]] == [{"token": w} for w in WORDS[:5]]
-    assert json.loads(events[-1][1]) == {
+        raw = await response.aread()
+    events = sse.events(sse.parse(raw))
+    assert [e.event for e in events] == ["message"] * 5 + ["end"]
+    assert [e.json() for e in events[:5]] == [{"token": w} for w in WORDS[:5]]
+    assert events[-1].json() == {
         "finish_reason": "length",
         "usage": {"prompt_tokens": 2, "completion_tokens": 5},
     }
-    assert "[DONE]" not in raw
+    assert b"[DONE]" not in raw
 
 
 async def test_generate_with_stop_and_other_model(http: httpx.AsyncClient) -> None:
     response = await http.post(
         "/generate", json={"prompt": "x", "max_tokens": 9, "stop": " brown", "model": "sim"}
     )
-    events = parse_sse(response.text)
-    assert "".join(json.loads(d)["token"] for n, d in events if n == "message") == " the quick"
-    end = json.loads(events[-1][1])
-    assert events[-1][0] == "end"
+    events = sse.events(sse.parse(response.content))
+    assert "".join(e.json()["token"] for e in events if e.event == "message") == " the quick"
+    end = events[-1].json()
+    assert events[-1].event == "end"
     assert end["finish_reason"] == "stop"
 
 
@@ -444,7 +400,7 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
         response = await http.post(
             "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
         )
-        error = assert_openai_error(response, 400, error_type="invalid_request_error")
+        error = assert_openai_error(response, 400, type="invalid_request_error")
         assert "JSON" in error["message"]
 
 
@@ -479,7 +435,7 @@ async def test_wrong_types_are_400_with_param(http: httpx.AsyncClient) -> None:
     # One server for all cases; each failure names its case.
     for path, body, param in WRONG_TYPES:
         response = await http.post(path, json=body)
-        error = assert_openai_error(response, 400, error_type="invalid_request_error")
+        error = assert_openai_error(response, 400, type="invalid_request_error")
         assert error["param"] is not None, (body, error)
         # Union-typed fields may name the branch tried ("prompt.str"); the field comes first.
         assert error["param"].split(".")[0] == param.split(".")[0], (body, error)

@@ -1,10 +1,8 @@
-"""Shared pieces of the API-key and rate-limit tests: keys files, settings, raw HTTP, polling."""
+"""Shared pieces of the API-key and rate-limit tests: keys files, settings, raw HTTP."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +58,6 @@ def completion(model: str = "sim", max_tokens: int = 1, **extra: Any) -> dict[st
     body: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens}
     body.update(extra)
     return body
-
-
-async def eventually(condition: Callable[[], bool], within: float = 3.0, what: str = "") -> float:
-    """Poll until ``condition`` holds; returns how long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 async def raw_http(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:

@@ -9,12 +9,14 @@ from typing import Any
 
 import httpx
 
+from tests.support.sse import aiter_events
+
 
 @asynccontextmanager
 async def stream_then_hang_up(
     url: str, body: dict[str, Any], events: int = 3
 ) -> AsyncIterator[None]:
-    """POST ``body`` to /v1/completions and read ``events`` data lines; the body of the ``with``
+    """POST ``body`` to /v1/completions and read ``events`` data events; the body of the ``with``
     runs while the stream is still open, and leaving it closes the connection mid-stream."""
     async with (
         httpx.AsyncClient(base_url=url, timeout=60) as http,
@@ -22,8 +24,8 @@ async def stream_then_hang_up(
     ):
         assert response.status_code == 200
         seen = 0
-        async for line in response.aiter_lines():
-            seen += line.startswith("data:")
+        async for _ in aiter_events(response):
+            seen += 1
             if seen >= events:
                 break
         yield

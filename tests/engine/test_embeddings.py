@@ -25,6 +25,7 @@ from llmserve.models.minilm import ensure_minilm
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import RunningServer, serve
 from tests.routing.helpers import wait_ready
+from tests.support.errors import assert_openai_error
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -169,8 +170,7 @@ async def test_embeddings_reserve_their_input_tokens_from_the_keys_quota(
             json={"model": model, "input": "one two three four five six " * 6},
             headers=headers,
         )
-        assert over.status_code == 429, over.text
-        assert over.json()["error"]["type"] == "rate_limit_error"
+        assert_openai_error(over, 429, type="rate_limit_error")
         small = {"model": model, "input": "hi"}
         ok = await http.post("/v1/embeddings", json=small, headers=headers)
     assert ok.status_code == 200, ok.text

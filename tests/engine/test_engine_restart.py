@@ -7,11 +7,9 @@ test_vllm_engine.py is never broken.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import psutil
@@ -20,17 +18,22 @@ import pytest_asyncio
 
 from llmserve.config import Settings, VllmModel
 from tests.conftest import RunningServer, serve
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
+from tests.support.sse import aiter_events
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "smollm2-135m-instruct"
 
 
-async def wait_ready(client: httpx.AsyncClient, within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while (await client.get("/ready")).status_code != 200:
-        assert time.monotonic() < deadline, "the vLLM engine did not become ready"
-        await asyncio.sleep(0.5)
+def ready(client: httpx.AsyncClient, want: bool = True) -> Callable[[], Awaitable[bool]]:
+    """Whether /ready says ``want`` (ready, or not)."""
+
+    async def says() -> bool:
+        return ((await client.get("/ready")).status_code == 200) == want
+
+    return says
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -38,7 +41,7 @@ async def gateway() -> AsyncIterator[RunningServer]:
     settings = Settings(models=[VllmModel(engine_args={"max_model_len": 1024})])
     async with serve(settings) as running:
         async with httpx.AsyncClient(base_url=running.url) as client:
-            await wait_ready(client, 400)
+            await eventually(ready(client), 400, "the vLLM engine ready", 0.5)
         yield running
 
 
@@ -69,32 +72,30 @@ async def test_a_killed_engine_core_is_replaced_and_serving_resumes(
         core = engine_core()
         async with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            lines = response.aiter_lines()
+            events = aiter_events(response)
             seen = 0
-            async for line in lines:
-                seen += line.startswith("data: {")
+            async for _ in events:
+                seen += 1
                 if seen >= 3:
                     break
             core.send_signal(signal.SIGKILL)
-            rest = [line async for line in lines]
+            rest = [event async for event in events]
         # The stream in flight ends in band, with the engine's error, then [DONE].
-        errors = [line for line in rest if line.startswith("data: {") and '"error"' in line]
+        errors = [e for e in rest if not e.done and "error" in e.json()]
         assert len(errors) == 1, rest
-        assert rest[-1] == "data: [DONE]" or rest[-2] == "data: [DONE]", rest
+        assert_openai_error(errors[0].json())
+        assert rest[-1].done, rest
 
         # Readiness tells the truth while the engine is down, and new requests get a clear 503.
-        deadline = time.monotonic() + 30
-        while (await client.get("/ready")).status_code == 200:
-            assert time.monotonic() < deadline, "/ready stayed 200 with the engine core dead"
-            await asyncio.sleep(0.2)
+        await eventually(ready(client, False), 30, "/ready not 200 with the engine core dead", 0.2)
         refused = await client.post(
             "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3}
         )
-        assert refused.status_code == 503, refused.text
-        assert refused.json()["error"]["code"] in {"engine_restarting", "engine_unavailable"}
+        error = assert_openai_error(refused, 503)
+        assert error["code"] in {"engine_restarting", "engine_unavailable"}
 
         # It comes back by itself, and serves.
-        await wait_ready(client, 400)
+        await eventually(ready(client), 400, "the vLLM engine ready again", 0.5)
         again = await client.post(
             "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3}
         )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -28,6 +27,8 @@ from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, vllm_serve_metric
 from tests.engine.test_vllm_serve import TRANSPARENT, _assert_same, _gathered
 from tests.routing.helpers import wait_ready
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -193,13 +194,8 @@ async def test_bad_requests_get_openai_errors(vllm_server: RunningServer) -> Non
         await api.completions.create(model="no-such-model", prompt="hi", max_tokens=5)
 
 
-async def _wait_until_engine_idle(server: RunningServer, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if engine(server).unfinished_requests() == 0:
-            return True
-        await asyncio.sleep(0.05)
-    return False
+def idle(server: RunningServer) -> Callable[[], bool]:
+    return lambda: engine(server).unfinished_requests() == 0
 
 
 async def test_disconnect_mid_stream_aborts_the_vllm_request(vllm_server: RunningServer) -> None:
@@ -215,7 +211,7 @@ async def test_disconnect_mid_stream_aborts_the_vllm_request(vllm_server: Runnin
     # 2000 tokens at ~17 tok/s take about two minutes: idle well before means it was aborted.
     # Not 5 s: this process has gone without CPU for tens of seconds while a vLLM engine
     # generated on a two-core runner (see test_vllm_serve.py).
-    assert await _wait_until_engine_idle(vllm_server, IDLE_WITHIN_S)
+    await eventually(idle(vllm_server), IDLE_WITHIN_S, "the engine idle", 0.05)
 
 
 async def test_disconnect_while_waiting_aborts_a_whole_request(
@@ -225,7 +221,7 @@ async def test_disconnect_while_waiting_aborts_a_whole_request(
     async with httpx.AsyncClient(base_url=vllm_server.url, timeout=1.5) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post("/v1/completions", json=body)
-    assert await _wait_until_engine_idle(vllm_server, IDLE_WITHIN_S)
+    await eventually(idle(vllm_server), IDLE_WITHIN_S, "the engine idle", 0.05)
 
 
 async def test_metrics_show_vllm_and_llmserve_series(vllm_server: RunningServer) -> None:
@@ -441,8 +437,7 @@ async def test_tokenize_counts_as_the_chat_request_does_and_detokenize_inverts_i
         assert back.status_code == 200, back.text
         assert back.json()["prompt"] == "Hello world"
         unknown = await http.post("/tokenize", json={"model": MODEL, "prompt": "x", "nope": 1})
-        assert unknown.status_code == 400
-        assert unknown.json()["error"]["param"] == "nope"
+        assert_openai_error(unknown, 400, param="nope")
         # `vllm serve` behind the gateway is asked itself: the same model, the same tokens.
         served = await http.post("/tokenize", json={"model": SERVED, "messages": QUESTION})
         assert served.status_code == 200, served.text

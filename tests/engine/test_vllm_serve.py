@@ -10,9 +10,7 @@ at its bound. The cause is the two CPU engines on two cores, not the gateway.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +25,8 @@ from tests.engine.examples import PERSON_SCHEMA, WEATHER_QUESTION, WEATHER_TOOL,
 from tests.engine.hang_up import stream_then_hang_up
 from tests.engine.served import SERVED, served_model, served_port, vllm_serve_metric
 from tests.routing.helpers import wait_ready
+from tests.support.eventually import eventually
+from tests.support.sse import parse_events
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
@@ -56,10 +56,11 @@ async def test_streams_through_vllm_serve_and_a_disconnect_aborts_there(
     body["ignore_eos"] = True
     async with stream_then_hang_up(served_gateway.url, body):
         pass  # three tokens in: the client hangs up
-    deadline = time.monotonic() + 240
-    while await vllm_serve_metric(served_gateway, "vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "vllm serve still runs the abandoned request"
-        await asyncio.sleep(0.2)
+
+    async def abandoned() -> bool:
+        return await vllm_serve_metric(served_gateway, "vllm:num_requests_running") == 0
+
+    await eventually(abandoned, 240, "vllm serve no longer runs the abandoned request", 0.2)
     tokens = await vllm_serve_metric(served_gateway, generated) - tokens_before
     assert 3 <= tokens < 4000, f"{tokens:g} tokens generated"
     assert await vllm_serve_metric(served_gateway, finished) == finished_before, "it finished"
@@ -121,10 +122,10 @@ def _gathered(body: bytes) -> dict[str, Any]:
     vLLM ends a completion choice in its last token's chunk, llmserve in a chunk of its own).
     Strings are joined and lists extended, as a client adds up a stream."""
     gathered: dict[str, Any] = {"choices": {}}
-    for line in body.decode().splitlines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
+    for data in parse_events(body):
+        if data.done:
             continue
-        event = json.loads(line[6:])
+        event = data.json()
         for choice in event.pop("choices", None) or ():
             for call in (choice.get("delta") or {}).get("tool_calls") or ():
                 call.pop("id", None)  # random
@@ -191,7 +192,6 @@ async def test_a_streamed_tool_call_through_the_gateway_is_vllm_serves(
     served_gateway: RunningServer,
 ) -> None:
     """The tool call's deltas and the `tool_calls` finish reason reach the client."""
-    import json
 
     options = weather_call(SERVED, "required")
     api = AsyncOpenAI(base_url=served_gateway.url + "/v1", api_key="x", max_retries=0)

@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.errors import assert_openai_error
+
 RATE_HEADERS = (
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",
@@ -21,13 +23,10 @@ RATE_HEADERS = (
 DURATION = r"\d+ms|\d+s|\d+m\d+s"
 
 
-def assert_rate_limited(response: httpx.Response, code: str = "rate_limit_exceeded") -> None:
-    assert response.status_code == 429, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert error["type"] == "rate_limit_error"
-    assert error["code"] == code
-    assert isinstance(error["message"], str) and error["message"]
+def assert_rate_limited(
+    response: httpx.Response, code: str = "rate_limit_exceeded", says: str | None = None
+) -> None:
+    assert_openai_error(response, 429, type="rate_limit_error", code=code, message_contains=says)
 
 
 def retry_after(response: httpx.Response) -> int:

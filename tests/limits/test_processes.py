@@ -4,13 +4,7 @@ verification asks for, beyond the in-process replicas of test_redis.py."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -18,36 +12,10 @@ import pytest
 
 from llmserve.config import RateLimitConfig
 from tests.auth.helpers import add_key, auth_settings, bearer, completion
-from tests.conftest import free_port, serve, sim_engine
-from tests.limits.conftest import RedisServer
-
-
-@asynccontextmanager
-async def gateway_process(config: Path) -> AsyncIterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
-    process = subprocess.Popen(  # noqa: ASYNC220 - starting a server, not waiting on it
-        [sys.executable, "-m", "llmserve", "serve", "--config", str(config), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(base_url=url) as client:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await client.get("/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "gateway process did not start"
-                await asyncio.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(15)
+from tests.conftest import sim_engine
+from tests.support.eventually import eventually
+from tests.support.gateway import gateway_process, serve
+from tests.support.redis_server import RedisServer
 
 
 async def test_two_processes_admit_exactly_the_limit(
@@ -64,13 +32,13 @@ async def test_two_processes_admit_exactly_the_limit(
         " first_token_latency_s: 0.0}\n"
     )
     async with (
-        gateway_process(config) as one,
-        gateway_process(config) as two,
+        gateway_process(config, log=tmp_path / "one.log") as one,
+        gateway_process(config, log=tmp_path / "two.log") as two,
         httpx.AsyncClient(timeout=10, headers=bearer(key)) as client,
     ):
         burst = await asyncio.gather(
             *(
-                client.post(f"{(one, two)[i % 2]}/v1/completions", json=completion())
+                client.post(f"{(one, two)[i % 2].url}/v1/completions", json=completion())
                 for i in range(20)
             )
         )
@@ -105,10 +73,7 @@ async def test_disconnect_storm_leaves_no_slot_or_reservation(
 
         await asyncio.gather(*(flaky_client() for _ in range(40)))
         engine = sim_engine(server, "slow")
-        deadline = time.monotonic() + 5
-        while engine.active and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded poll
-            await asyncio.sleep(0.05)
-        assert not engine.active
+        await eventually(lambda: not engine.active, 5.0, "the streams to end on the engine")
         admission = server.models.admission("slow")
         assert (admission.in_flight, admission.queued, admission.state.waiting_tokens) == (0, 0, 0)
         running = redis_server.client().zcard("llmserve:rl:{storm}:running")

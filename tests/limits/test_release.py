@@ -11,7 +11,6 @@ of the 804 needed, and the bucket refills only ~17 tokens a second).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,12 @@ from llmserve.engines.events import EngineEvent
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.errors import EngineFailure
 from llmserve.validation.request import GenerationRequest
-from tests.auth.helpers import PROMPT_TOKENS, add_key, auth_settings, bearer, completion, eventually
+from tests.auth.helpers import PROMPT_TOKENS, add_key, auth_settings, bearer, completion
 from tests.conftest import RunningServer, free_port, serve, sim_engine
 from tests.limits.helpers import LimiterSpy, RawRequest
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
+from tests.support.sse import parse_events
 
 LONG = 400  # max_tokens of the request under test: 8 s at 50 tokens/s, so it never finishes
 COST = PROMPT_TOKENS + LONG
@@ -104,19 +106,18 @@ async def success_stream(case: Case) -> None:
     body = completion("gen", LONG, stop=[" quick"], stream=True)
     response = await case.client.post(PATH, json=body)
     assert response.status_code == 200
-    assert response.text.rstrip().endswith("data: [DONE]")
+    assert parse_events(response.content)[-1].done
 
 
 async def engine_unreachable(case: Case) -> None:
     response = await case.client.post(PATH, json=long_request("down"))
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "no_healthy_replica"
+    assert_openai_error(response, 503, code="no_healthy_replica")
 
 
 async def engine_unreachable_stream(case: Case) -> None:
     response = await case.client.post(PATH, json=long_request("down", stream=True))
-    assert response.status_code == 503, response.text  # failed before the first byte
-    assert response.json()["error"]["code"] == "no_healthy_replica"
+    # failed before the first byte
+    assert_openai_error(response, 503, code="no_healthy_replica")
 
 
 def failing_after_first_token(engine: SimulatedEngine) -> None:
@@ -138,14 +139,10 @@ def failing_after_first_token(engine: SimulatedEngine) -> None:
 def stream_error(response: httpx.Response) -> dict[str, Any]:
     """The in-band error event of a stream that failed after it started."""
     assert response.status_code == 200
-    errors = [
-        json.loads(line.removeprefix("data: "))["error"]
-        for line in response.text.splitlines()
-        if line.startswith("data: {") and '"error"' in line
-    ]
+    bodies = [event.json() for event in parse_events(response.content) if not event.done]
+    errors = [body for body in bodies if "error" in body]
     assert len(errors) == 1, response.text
-    error: dict[str, Any] = errors[0]
-    return error
+    return assert_openai_error(errors[0])
 
 
 async def engine_fails_mid_stream(case: Case) -> None:
@@ -159,14 +156,12 @@ async def engine_fails_mid_stream(case: Case) -> None:
 async def engine_fails_whole(case: Case) -> None:
     failing_after_first_token(case.engine)
     response = await case.client.post(PATH, json=long_request())
-    assert response.status_code == 502, response.text
-    assert response.json()["error"]["code"] == "engine_error"
+    assert_openai_error(response, 502, code="engine_error")
 
 
 async def timeout(case: Case) -> None:
     response = await case.client.post(PATH, json=long_request())
-    assert response.status_code == 504, response.text
-    assert response.json()["error"]["code"] == "request_timeout"
+    assert_openai_error(response, 504, code="request_timeout")
 
 
 async def timeout_stream(case: Case) -> None:
@@ -178,15 +173,15 @@ async def disconnect_mid_stream(case: Case) -> None:
     raw = await RawRequest(case.server.url, PATH, long_request(stream=True), case.lim).send()
     await raw.read_until(b"data: {")
     await raw.close()
-    await eventually(lambda: not case.engine.active, what="the engine request aborted")
+    await eventually(lambda: not case.engine.active, what="the engine request aborted", within=3.0)
     assert len(case.engine.aborted) == 1
 
 
 async def disconnect_while_running(case: Case) -> None:
     raw = await RawRequest(case.server.url, PATH, long_request(), case.lim).send()
-    await eventually(lambda: len(case.engine.active) == 1, what="the request running")
+    await eventually(lambda: len(case.engine.active) == 1, what="the request running", within=3.0)
     await raw.close()
-    await eventually(lambda: not case.engine.active, what="the engine request aborted")
+    await eventually(lambda: not case.engine.active, what="the engine request aborted", within=3.0)
     assert len(case.engine.aborted) == 1
 
 
@@ -200,7 +195,7 @@ async def occupy(case: Case, model: str = "gen") -> RawRequest:
 async def release_engine(case: Case, blocker: RawRequest, model: str = "gen") -> None:
     await blocker.close()
     engine = sim_engine(case.server, model)
-    await eventually(lambda: not engine.active, what="the blocker aborted")
+    await eventually(lambda: not engine.active, what="the blocker aborted", within=3.0)
     assert len(engine.started) == 1  # the request under test never reached the engine
 
 
@@ -208,25 +203,23 @@ async def disconnect_while_queued(case: Case, stream: bool) -> None:
     blocker = await occupy(case)
     admission = case.server.models.admission("gen")
     raw = await RawRequest(case.server.url, PATH, long_request(stream=stream), case.lim).send()
-    await eventually(lambda: admission.queued == 1, what="the request queued")
+    await eventually(lambda: admission.queued == 1, what="the request queued", within=3.0)
     await raw.close()
-    await eventually(lambda: admission.queued == 0, what="the waiter left the queue")
+    await eventually(lambda: admission.queued == 0, what="the waiter left the queue", within=3.0)
     await release_engine(case, blocker)
 
 
 async def queue_full(case: Case) -> None:
     blocker = await occupy(case, "tight")
     response = await case.client.post(PATH, json=long_request("tight", stream=True))
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "queue_full"
+    assert_openai_error(response, 503, code="queue_full")
     await release_engine(case, blocker, "tight")
 
 
 async def queue_timeout(case: Case) -> None:
     blocker = await occupy(case)
     response = await case.client.post(PATH, json=long_request(), headers={"X-Queue-Timeout": "0.2"})
-    assert response.status_code == 503, response.text
-    assert response.json()["error"]["code"] == "queue_timeout"
+    assert_openai_error(response, 503, code="queue_timeout")
     await release_engine(case, blocker)
 
 
@@ -275,7 +268,9 @@ async def test_slot_and_reservation_are_released(
     ):
         case = Case(server, client, lim, bg)
         await action(case)
-        await eventually(lambda: len(limiter_spy.released_for("lim")) == 1, what="the release")
+        await eventually(
+            lambda: len(limiter_spy.released_for("lim")) == 1, what="the release", within=3.0
+        )
         (reserved,) = limiter_spy.reserved_for("lim")
         (released,) = limiter_spy.released_for("lim")
         assert reserved.request_id == released.request_id

@@ -1,4 +1,4 @@
-"""Shared pieces of the observability tests: settings, /metrics scrapes as deltas, SSE, polling.
+"""Shared pieces of the observability tests: settings, /metrics scrapes as deltas, streams.
 
 The Prometheus counters and histograms live in the process-global default registry, so tests
 compare a scrape before with one after, on model and key names that no other test uses.
@@ -6,10 +6,6 @@ compare a scrape before with one after, on model and key names that no other tes
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,8 @@ from llmserve.config import (
     Settings,
     SimulatedModel,
 )
+from tests.support.eventually import eventually
+from tests.support.sse import aiter_events
 
 # The simulated engine's word tokeniser counts this prompt as 3 tokens.
 PROMPT = "observe these tokens"
@@ -118,22 +116,13 @@ async def read_stream(
     """POST and read an SSE stream to its end: OpenAI chunks or the ``/generate`` events."""
     async with client.stream("POST", path, json=body, **kwargs) as response:
         result = StreamResult(response.status_code, response.headers)
-        event = "message"
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
+        async for event in aiter_events(response):
+            if event.done:
                 continue
-            if not line.startswith("data:"):
-                if not line:
-                    event = "message"
-                continue
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                continue
-            data = json.loads(payload)
-            if event == "end":
+            data = event.json()
+            if event.event == "end":
                 result.usage = data["usage"]
-            elif event == "error" or "error" in data:
+            elif event.event == "error" or "error" in data:
                 result.errors.append(data)
             elif "token" in data:
                 result.deltas += 1
@@ -215,30 +204,10 @@ class Deltas:
     ) -> None:
         """Scrape until the delta of ``name`` reaches ``expected`` (finishing streams record
         after their last byte), then check it is exactly that."""
-        deadline = time.monotonic() + within
-        while True:
+
+        async def reached() -> bool:
             await self.after()
-            if self(metric, **labels) >= expected or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.02)
+            return self(metric, **labels) >= expected
+
+        await eventually(reached, within, f"{metric}{labels} reaching {expected}", 0.02)
         assert self(metric, **labels) == expected, (metric, labels, self(metric, **labels))
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], within: float = 5.0, what: str = ""
-) -> None:
-    """Poll an async condition until it holds."""
-    deadline = time.monotonic() + within
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.02)
-
-
-async def until_true(condition: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
-    """Poll a plain condition until it holds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.01)

@@ -28,8 +28,8 @@ from tests.observability.helpers import (
     read_stream,
     settings,
     sim_model,
-    until_true,
 )
+from tests.support.eventually import eventually
 
 GENERATED_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -50,10 +50,7 @@ class Captured:
 
     async def wait_for(self, request_id: str, within: float = 5.0) -> dict[str, Any]:
         """The access line of ``request_id`` (a stream's is written after its last byte)."""
-        deadline = asyncio.get_running_loop().time() + within
-        while not self.access_for(request_id):
-            assert asyncio.get_running_loop().time() < deadline, request_id
-            await asyncio.sleep(0.01)
+        await eventually(lambda: self.access_for(request_id), within, request_id)
         (line,) = self.access_for(request_id)
         return line
 
@@ -211,7 +208,7 @@ async def test_refused_requests_get_access_lines(keys_file: Path) -> None:
                     headers={**bearer(key), "X-Request-ID": "r-holder"},
                 )
             )
-            await until_true(lambda: server.models.admission(model).in_flight == 1)
+            await eventually(lambda: server.models.admission(model).in_flight == 1, within=5.0)
             r = await client.post(
                 "/v1/completions",
                 json=completion(model, 1),

@@ -31,13 +31,13 @@ from tests.observability.helpers import (
     bearer,
     chat,
     completion,
-    eventually,
     read_stream,
     scrape,
     settings,
     sim_model,
-    until_true,
 )
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
 
 REQUESTS = "llmserve_requests_total"
 REJECTIONS = "llmserve_rejections_total"
@@ -155,7 +155,8 @@ async def test_request_timeout_counts_as_timeout() -> None:
         # A stream that started gets its timeout in-band: not a rejection, still a timeout.
         result = await read_stream(client, "/v1/completions", completion(model, 50, stream=True))
         assert result.status == 200
-        assert result.errors and result.errors[0]["error"]["code"] == "request_timeout"
+        assert result.errors
+        assert_openai_error(result.errors[0], code="request_timeout")
         await d.until(REQUESTS, 2, model=model, status="timeout")
         assert d(REQUESTS, model=model) == 2
         assert d(REJECTIONS, reason="timeout", key="anonymous") == 1
@@ -198,13 +199,13 @@ async def test_rejections_by_reason_without_keys() -> None:
                 s.value("llmserve_requests_in_flight", model=m) == 1 for m in (full, deadline)
             )
 
-        await eventually(both_running, what="both slots taken")
+        await eventually(both_running, within=5.0, what="both slots taken", interval=0.02)
         r = await client.post("/v1/completions", json=completion(full, 1))
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
+        assert_openai_error(r, 503, code="queue_full")
         r = await client.post(
             "/v1/completions", json=completion(deadline, 1), headers={"X-Queue-Timeout": "0.1"}
         )
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout", r.text
+        assert_openai_error(r, 503, code="queue_timeout")
         assert all(h.status_code == 200 for h in await asyncio.gather(*holders))
 
         await d.after()
@@ -298,7 +299,7 @@ async def test_queue_gauges_follow_a_waiting_request() -> None:
         assert idle.has("llmserve_draining")
 
         first = asyncio.create_task(client.post("/v1/completions", json=completion(model, 8)))
-        await until_true(lambda: server.models.admission(model).in_flight == 1)
+        await eventually(lambda: server.models.admission(model).in_flight == 1, within=5.0)
         second = asyncio.create_task(client.post("/v1/completions", json=completion(model, 4)))
         seen: list[Scrape] = []
 
@@ -306,7 +307,7 @@ async def test_queue_gauges_follow_a_waiting_request() -> None:
             seen.append(await scrape(server.url))
             return seen[-1].value("llmserve_queue_requests", model=model) == 1
 
-        await eventually(one_waits, what="a queued request")
+        await eventually(one_waits, within=5.0, what="a queued request", interval=0.02)
         waiting = seen[-1]
         assert waiting.value("llmserve_requests_in_flight", model=model) == 1
         # The waiting request's cost: prompt (3 tokens) + max_tokens * n.
@@ -322,7 +323,7 @@ async def test_queue_gauges_follow_a_waiting_request() -> None:
                 and s.value("llmserve_requests_in_flight", model=model) == 0
             )
 
-        await eventually(idle_again, what="gauges back to 0")
+        await eventually(idle_again, within=5.0, what="gauges back to 0", interval=0.02)
         final = await scrape(server.url)
         assert final.value("llmserve_queue_tokens", model=model) == 0
         assert final.value("llmserve_draining") == 0

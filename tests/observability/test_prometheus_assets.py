@@ -26,6 +26,7 @@ import yaml
 
 from llmserve.config import AdmissionConfig, Limits, Settings, SimulatedModel
 from tests.conftest import RunningServer, free_port, serve
+from tests.support.eventually import eventually
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -189,13 +190,18 @@ class Live:
 
     async def eventually(self, check: Callable[[], Awaitable[str | None]]) -> None:
         """Poll ``check`` (None: satisfied, else what is missing) for up to WITHIN_S."""
-        deadline = asyncio.get_running_loop().time() + WITHIN_S
-        while (problem := await check()) is not None:
+        problems: list[str | None] = []
+
+        async def satisfied() -> bool:
             if self.traffic.done():
                 self.traffic.result()  # the load generator failed: show why
-            if asyncio.get_running_loop().time() > deadline:
-                pytest.fail(f"not within {WITHIN_S} s: {problem}")
-            await asyncio.sleep(0.5)
+            problems.append(await check())
+            return problems[-1] is None
+
+        try:
+            await eventually(satisfied, WITHIN_S, interval=0.5)
+        except AssertionError:
+            pytest.fail(f"not within {WITHIN_S} s: {problems[-1]}")
 
 
 def gateway_settings() -> Settings:
@@ -276,16 +282,20 @@ async def start_prometheus(binary: str, target: str, workdir: Path) -> tuple[Any
             stderr=log,
         )
     url = f"http://127.0.0.1:{port}"
+
+    async def ready(client: httpx.AsyncClient) -> bool:
+        assert process.returncode is None, "Prometheus exited"  # no use waiting on
+        try:
+            return (await client.get(url + "/-/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
+
     async with httpx.AsyncClient(timeout=2) as client:
-        for _ in range(150):
-            if process.returncode is not None:
-                break
-            try:
-                if (await client.get(url + "/-/ready")).status_code == 200:
-                    return process, url
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
+        try:
+            await eventually(lambda: ready(client), 15.0, "Prometheus ready", 0.1)
+            return process, url
+        except AssertionError:
+            pass
     await stop(process)
     pytest.fail(f"Prometheus did not start:\n{(workdir / 'prometheus.log').read_text()[-3000:]}")
 

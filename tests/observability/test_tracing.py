@@ -16,7 +16,7 @@ import os
 import secrets
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,8 @@ from tests.observability.helpers import (
     read_stream,
     settings,
     sim_model,
-    until_true,
 )
+from tests.support.eventually import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,17 +123,24 @@ async def spans_of(
 ) -> list[ReadableSpan]:
     """The finished spans of ``model`` once there are ``count`` (a stream's span ends when the
     stream closes, just after its last byte)."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        found = [
-            s
-            for s in exporter.get_finished_spans()
-            if (s.attributes or {}).get("gen_ai.request.model") == model
-        ]
-        if len(found) >= count or asyncio.get_running_loop().time() > deadline:
-            assert len(found) == count, [s.name for s in found]
-            return found
-        await asyncio.sleep(0.02)
+
+    def found() -> list[ReadableSpan]:
+        spans = exporter.get_finished_spans()
+        return [s for s in spans if (s.attributes or {}).get("gen_ai.request.model") == model]
+
+    await eventually(lambda: len(found()) >= count, within, f"{count} spans of {model}", 0.02)
+    spans = found()
+    assert len(spans) == count, [s.name for s in spans]
+    return spans
+
+
+def ready(client: httpx.AsyncClient) -> Callable[[], Awaitable[bool]]:
+    """Whether the gateway behind ``client`` is ready (its engines start in the background)."""
+
+    async def is_ready() -> bool:
+        return (await client.get("/ready")).status_code == 200
+
+    return is_ready
 
 
 def traceparent() -> tuple[str, str, str]:
@@ -225,7 +232,7 @@ async def test_failed_requests_have_error_status(exporter: InMemorySpanExporter)
         r = await client.post("/v1/chat/completions", json=chat(slow, 50))
         assert r.status_code == 504, r.text
         holder = asyncio.create_task(client.post("/v1/completions", json=completion(full, 3)))
-        await until_true(lambda: server.models.admission(full).in_flight == 1)
+        await eventually(lambda: server.models.admission(full).in_flight == 1, within=5.0)
         r = await client.post("/v1/completions", json=completion(full, 1))
         assert r.status_code == 503, r.text
         assert (await holder).status_code == 200
@@ -289,10 +296,7 @@ async def test_traceparent_is_forwarded_to_an_upstream_gateway(
             serve(settings(upstream)) as b,
             httpx.AsyncClient(base_url=b.url, timeout=10) as client,
         ):
-            for _ in range(100):  # B's engine starts in the background
-                if (await client.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(ready(client), within=5.0, what="B ready", interval=0.02)
             r = await client.post(
                 "/v1/chat/completions", json=chat(front, 3), headers={"traceparent": header}
             )
@@ -357,14 +361,12 @@ async def test_genai_metrics(reader: InMemoryMetricReader) -> None:
         result = await read_stream(client, "/v1/completions", completion(model, 4, stream=True))
         assert result.usage is not None
         usages.append(result.usage)
-        for _ in range(250):
-            if (
-                len(_points(reader, "gen_ai.server.request.duration", model)) == 2
-                and sum(p.count for p in _points(reader, "gen_ai.server.request.duration", model))
-                == 3
-            ):
-                break
-            await asyncio.sleep(0.02)
+
+        def all_recorded() -> bool:
+            points = _points(reader, "gen_ai.server.request.duration", model)
+            return len(points) == 2 and sum(p.count for p in points) == 3
+
+        await eventually(all_recorded, within=5.0, what="three durations", interval=0.02)
 
     tokens = _points(reader, "gen_ai.client.token.usage", model)
     by_type: dict[tuple[str, str], Any] = {
@@ -415,7 +417,7 @@ _EXPORT_SCRIPT = textwrap.dedent(
 
     from llmserve.config import Settings, SimulatedModel
     from llmserve.observability import tracing
-    from tests.conftest import serve
+    from tests.support.gateway import serve
 
     async def main(endpoint: str) -> None:
         tracing.setup(endpoint, "obs-otlp-service")
@@ -531,10 +533,7 @@ async def test_unsampled_traceparent_is_still_forwarded_upstream(
             serve(settings(upstream)) as b,
             httpx.AsyncClient(base_url=b.url, timeout=10) as client,
         ):
-            for _ in range(100):
-                if (await client.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(ready(client), within=5.0, what="B ready", interval=0.02)
             r = await client.post(
                 "/v1/chat/completions", json=chat(front, 2), headers={"traceparent": header}
             )

@@ -1,28 +1,23 @@
 """Shared pieces of the hostile-input, security and schemathesis tests: what every answer must
 look like (an OpenAI error body, the security headers, no traceback), raw-socket exchanges that
-send bytes exactly as given, /metrics reads for held slots, and llmserve run as a real process
-(``python -m llmserve serve --config FILE``) for what only a process shows: its RSS, its
-stderr, its OTLP export, its uvicorn options."""
+send bytes exactly as given, /metrics reads for held slots, and the config of llmserve run as a
+real process (tests/support/gateway.py) for what only a process shows: its RSS, its stderr, its
+OTLP export, its uvicorn options."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.support.eventually import eventually
 
 # What a security scan expects on every answer of an API (errors and streams included).
 SECURITY_HEADERS: dict[str, str] = {
@@ -228,14 +223,18 @@ async def metric_total(client: httpx.AsyncClient, name: str) -> float:
 async def assert_nothing_held(client: httpx.AsyncClient, within: float = 5.0) -> None:
     """No request on an engine and none queued, read from /metrics, within ``within`` seconds
     (a slot is released just after the response's last byte)."""
-    deadline = time.monotonic() + within
-    while True:
+    held = (0.0, 0.0)
+
+    async def nothing() -> bool:
+        nonlocal held
         running = await metric_total(client, "llmserve_requests_in_flight")
-        queued = await metric_total(client, "llmserve_queue_requests")
-        if running == 0 and queued == 0:
-            return
-        assert time.monotonic() < deadline, f"leaked: {running} in flight, {queued} queued"
-        await asyncio.sleep(0.05)
+        held = (running, await metric_total(client, "llmserve_queue_requests"))
+        return held == (0, 0)
+
+    try:
+        await eventually(nothing, within, interval=0.05)
+    except AssertionError:
+        raise AssertionError(f"leaked: {held[0]} in flight, {held[1]} queued") from None
 
 
 async def assert_still_serves(client: httpx.AsyncClient, within_s: float = 2.0) -> float:
@@ -249,7 +248,7 @@ async def assert_still_serves(client: httpx.AsyncClient, within_s: float = 2.0) 
     return elapsed
 
 
-# --- llmserve as a process ---------------------------------------------------------------------
+# --- the config of llmserve as a process -------------------------------------------------------
 
 
 def simulated_config(
@@ -271,102 +270,3 @@ def simulated_config(
         f" first_token_latency_s: 0.0, max_model_len: {max_model_len}}}\n"
         f"{more_models}"
     )
-
-
-class GatewayProcess:
-    """``python -m llmserve serve --config FILE`` on a free loopback port, its stderr in a file.
-    Usable from sync tests (``start``/``stop``) and async ones (``astart``/``astop``)."""
-
-    def __init__(
-        self, workdir: Path, config_yaml: str, env: Mapping[str, str] | None = None
-    ) -> None:
-        self.workdir = workdir
-        self.config = workdir / "llmserve.yaml"
-        self.config.write_text(config_yaml)
-        self.log_path = workdir / "server.log"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # The suite's LLMSERVE_* overrides (auth off) must not reach the process: the file rules.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
-        self.env.update(env or {})
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def spawn(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "llmserve",
-                    "serve",
-                    "--config",
-                    str(self.config),
-                    "--port",
-                    str(self.port),
-                ],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def _check_alive(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"llmserve exited with {self.process.returncode}: {self.log()}")
-
-    def start(self, probe: str = "/health", within: float = 30.0) -> GatewayProcess:
-        self.spawn()
-        deadline = time.monotonic() + within
-        while True:
-            self._check_alive()
-            try:
-                if httpx.get(self.url + probe, timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not serving {probe} in {within} s: {self.log()}"
-            time.sleep(0.05)
-
-    async def astart(self, probe: str = "/health", within: float = 30.0) -> GatewayProcess:
-        self.spawn()
-        deadline = time.monotonic() + within
-        async with httpx.AsyncClient(base_url=self.url, timeout=1) as client:
-            while True:
-                self._check_alive()
-                try:
-                    if (await client.get(probe)).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, f"not serving {probe}: {self.log()}"
-                await asyncio.sleep(0.05)
-
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"llmserve did not stop on SIGTERM in {timeout} s") from None
-
-    async def astop(self, within_s: float = 20.0) -> int:
-        """Stop without blocking the event loop (a collector in this loop may still be sent
-        the process's last export while it shuts down)."""
-        return await asyncio.to_thread(self.stop, within_s)

@@ -1,6 +1,6 @@
 """Fault injection through a real gateway: engines that die, hang, babble or refuse.
 
-The gateway (real uvicorn on loopback) serves two upstream models: FLAKY, a FaultyUpstream told
+The gateway (real uvicorn on loopback) serves two upstream models: FLAKY, a fake upstream told
 to misbehave, and STEADY, a healthy upstream streaming at the same time. For every fault:
 
 - the affected requests end with a clear error: an OpenAI error body with its own status
@@ -40,7 +40,7 @@ from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineUnavailable
 from llmserve.validation.request import GenerationRequest
 from tests.conftest import serve
-from tests.observability.helpers import scrape, until_true
+from tests.observability.helpers import scrape
 from tests.reliability.fault_helpers import (
     BETWEEN_TOKENS,
     BROKEN,
@@ -53,7 +53,6 @@ from tests.reliability.fault_helpers import (
     UNREACHABLE,
     WORDS,
     Bench,
-    FaultyUpstream,
     assert_completed,
     assert_error_status,
     assert_in_band_error,
@@ -67,8 +66,26 @@ from tests.reliability.fault_helpers import (
     rejections,
     settled_statuses,
     upstream_failures,
+    upstreams,
 )
-from tests.sse_client import Seen
+from tests.support.client import Seen
+from tests.support.eventually import eventually
+from tests.support.fake_upstream import (
+    CRASH,
+    DRIP,
+    DROP,
+    ERROR_JSON,
+    ERROR_PLAIN,
+    GARBAGE_AFTER,
+    GARBAGE_FIRST,
+    HANG_AFTER_HEADERS,
+    HANG_BEFORE_HEADERS,
+    HANG_BETWEEN,
+    HEALTHY,
+    HTML,
+    Mode,
+    after_words,
+)
 
 STEADY_STREAMS = 6
 STEADY_TOKENS = 25  # 30 ms apart: 0.75 s, overlapping every fault below
@@ -88,7 +105,7 @@ class Expect:
 
 @dataclass(frozen=True)
 class Fault:
-    mode: str
+    mode: Mode
     stream: Expect
     whole: Expect
     # llmserve_requests_total{status} of the affected requests.
@@ -102,21 +119,21 @@ class Fault:
 
 FAULTS = {
     "dies-mid-stream": Fault(
-        "drop",
+        DROP,
         stream=Expect(BROKEN),
         whole=Expect(BROKEN, 502),
         kind="broken_stream",
         status="engine_error",
     ),
     "hangs-before-headers": Fault(
-        "hang_before_headers",
+        HANG_BEFORE_HEADERS,
         stream=Expect(FIRST_TOKEN, 504),
         whole=Expect(FIRST_TOKEN, 504),
         kind="first_token_timeout",
         status="timeout",
     ),
     "hangs-before-first-token": Fault(
-        "hang_after_headers",
+        HANG_AFTER_HEADERS,
         stream=Expect(FIRST_TOKEN, 504),
         whole=Expect(FIRST_TOKEN, 504),
         kind="first_token_timeout",
@@ -125,7 +142,7 @@ FAULTS = {
     # The stream was opened for keep-alives (0.2 s) before the first-token timeout (0.8 s):
     # the timeout can only arrive in-band, after keep-alive comments and no token.
     "hangs-past-the-keepalive": Fault(
-        "hang_after_headers",
+        HANG_AFTER_HEADERS,
         stream=Expect(FIRST_TOKEN, after_tokens=False),
         whole=Expect(FIRST_TOKEN, 504),
         kind="first_token_timeout",
@@ -133,7 +150,7 @@ FAULTS = {
         settings={"keepalive_interval_s": 0.2, "first_token_timeout_s": 0.8},
     ),
     "hangs-between-tokens": Fault(
-        "hang_between",
+        HANG_BETWEEN,
         stream=Expect(BETWEEN_TOKENS),
         whole=Expect(BETWEEN_TOKENS, 504),
         kind="between_tokens_timeout",
@@ -142,35 +159,35 @@ FAULTS = {
     # Tokens keep coming (every 0.2 s, inside the 0.6 s between-tokens timeout), forever: the
     # request's own deadline ends it.
     "drips-past-the-request-timeout": Fault(
-        "drip",
+        DRIP,
         stream=Expect(REQUEST_TIMEOUT),
         whole=Expect(REQUEST_TIMEOUT, 504),
         status="timeout",
         settings={"request_timeout_s": 1.2},
     ),
     "garbage-first": Fault(
-        "garbage_first",
+        GARBAGE_FIRST,
         stream=Expect(MALFORMED, 502),
         whole=Expect(MALFORMED, 502),
         kind="malformed",
         status="engine_error",
     ),
     "garbage-after-tokens": Fault(
-        "garbage_after",
+        GARBAGE_AFTER,
         stream=Expect(MALFORMED),
         whole=Expect(MALFORMED, 502),
         kind="malformed",
         status="engine_error",
     ),
     "web-page-instead-of-sse": Fault(
-        "html",
+        HTML,
         stream=Expect(BROKEN, 502),
         whole=Expect(BROKEN, 502),
         kind="broken_stream",
         status="engine_error",
     ),
     "500-openai-body": Fault(
-        "error_json",
+        ERROR_JSON,
         stream=Expect(HTTP_ERROR, 502),
         whole=Expect(HTTP_ERROR, 502),
         kind="http_error",
@@ -178,7 +195,7 @@ FAULTS = {
         health=500,
     ),
     "500-plain-body": Fault(
-        "error_plain",
+        ERROR_PLAIN,
         stream=Expect(HTTP_ERROR, 502),
         whole=Expect(HTTP_ERROR, 502),
         kind="http_error",
@@ -208,7 +225,7 @@ def check_steady(seen: list[Seen]) -> None:
 
 async def check_recovery(bench: Bench) -> None:
     """The upstream is back: /ready 200, and FLAKY serves whole and streamed requests again."""
-    bench.flaky.set("healthy", health=200)
+    bench.flaky.set(HEALTHY, health=200)
     await ready_becomes(bench.url, 200, {FLAKY: True, STEADY: True})
     for stream in (True, False):
         assert_completed(await call(bench.url, FLAKY, stream=stream), bench.flaky.tokens)
@@ -288,7 +305,7 @@ async def test_hung_upstream_saturating_its_slots_still_ends_every_request() -> 
     gateway took the upstream out of rotation after the first timeouts. STEADY meanwhile is
     untouched."""
     async with fault_bench(admission=AdmissionConfig(max_in_flight=4)) as bench:
-        bench.flaky.set("hang_after_headers")
+        bench.flaky.set(HANG_AFTER_HEADERS)
         before = await scrape(bench.url)
         steady, *hung = await asyncio.gather(
             steady_streams(bench.url),
@@ -324,11 +341,11 @@ async def test_upstream_crash_mid_stream_then_refused_then_restarted() -> None:
     /ready is 503 naming it, and its requests get 503 at once (STEADY still serves). When it
     comes back on the same address, the gateway recovers without a restart."""
     async with fault_bench() as bench:
-        bench.flaky.set("crash")
+        bench.flaky.set(CRASH)
         before = await scrape(bench.url)
 
         async def crash_when_both_mid_stream() -> None:
-            await until_true(lambda: bench.flaky.mid_stream == 2, 5, "both mid-stream")
+            await eventually(lambda: bench.flaky.hanging == 2, 5, "both mid-stream")
             await bench.flaky.stop()
 
         steady, stream, whole, _ = await asyncio.gather(
@@ -394,7 +411,7 @@ async def test_wedged_upstream_is_not_ready_and_probes_stay_bounded() -> None:
     readinessProbe in deploy/k8s gives up after 3 s, which Kubernetes also counts as a
     failure), the other model serves meanwhile, and all is well once it answers again."""
     async with fault_bench() as bench:
-        bench.flaky.set("hang_before_headers", health=None)
+        bench.flaky.set(HANG_BEFORE_HEADERS, health=None)
         steady, hung = await asyncio.gather(
             steady_streams(bench.url), call(bench.url, FLAKY, stream=False)
         )
@@ -529,8 +546,7 @@ async def test_wrong_shaped_upstream_json_is_an_engine_error_not_a_500(shape: st
     (nothing of the bad chunk relayed), a whole request gets 502, both are counted as
     ``engine_error``, and nothing is held."""
     async with fault_bench() as bench:
-        bench.flaky.set("payload")
-        bench.flaky.payload = WRONG_SHAPES[shape]
+        bench.flaky.set(after_words(WRONG_SHAPES[shape]))
         before = await scrape(bench.url)
         stream, whole = await asyncio.gather(
             call(bench.url, FLAKY, stream=True), call(bench.url, FLAKY, stream=False)
@@ -579,8 +595,8 @@ async def test_wedged_upstream_does_not_hold_back_the_other_models_at_start() ->
     starts, the model configured after it serves a full stream and /ready counts it ready,
     rather than waiting out the wedged upstream's health timeout (5 s by default). Only the
     wedged model's requests suffer."""
-    flaky, steady = FaultyUpstream(), FaultyUpstream(tokens=25, interval_s=0.03)
-    flaky.set("hang_before_headers", health=None)
+    flaky, steady = upstreams()
+    flaky.set(HANG_BEFORE_HEADERS, health=None)
     await flaky.start()
     await steady.start()
     try:

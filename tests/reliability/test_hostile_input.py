@@ -20,13 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.config import Limits, Settings
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.validation.request import ChatMessage
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from tests.conftest import RunningServer, serve, simulated_models
 from tests.reliability.helpers import (
-    GatewayProcess,
     RawAnswer,
     assert_error_response,
     assert_no_traceback,
@@ -39,6 +38,7 @@ from tests.reliability.helpers import (
     request_head,
     simulated_config,
 )
+from tests.support.gateway import gateway_process
 
 # "sim" is fast (a 256-token reply takes ~13 ms) with the 256-token context of
 # conftest.simulated_models; "slow" is slow.
@@ -234,7 +234,7 @@ async def test_unfinished_oversized_heads_do_not_grow_server_memory(tmp_path: Pa
     By hand: open 20 sockets to the server, send ``GET / HTTP/1.1\\r\\nX-Big: `` and 20 MiB of
     ``a`` on each without ending the line, and watch the server's RSS.
     """
-    gateway = await GatewayProcess(tmp_path, simulated_config()).astart()
+    gateway = await gateway_process(tmp_path / "llmserve.yaml", simulated_config()).start("/health")
     writers: list[asyncio.StreamWriter] = []
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
@@ -270,7 +270,7 @@ async def test_unfinished_oversized_heads_do_not_grow_server_memory(tmp_path: Pa
     finally:
         for writer in writers:
             writer.close()
-        await gateway.astop()
+        await gateway.stop()
 
 
 # --- deeply nested JSON ------------------------------------------------------------------------
@@ -739,7 +739,7 @@ async def test_many_idle_connections_neither_starve_nor_bloat_the_server(tmp_pat
     after a request: a real request is still answered in under a second, and the server's
     resident memory grows by under 32 MiB. When they all go, it still serves and holds nothing.
     (llmserve as a process, so its RSS is its own.)"""
-    gateway = await GatewayProcess(tmp_path, simulated_config()).astart()
+    gateway = await gateway_process(tmp_path / "llmserve.yaml", simulated_config()).start("/health")
     host, port = host_port(gateway.url)
     writers: list[asyncio.StreamWriter] = []
     try:
@@ -782,5 +782,5 @@ async def test_many_idle_connections_neither_starve_nor_bloat_the_server(tmp_pat
     finally:
         for writer in writers:
             writer.close()
-        await gateway.astop()
-    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+        await gateway.stop()
+    assert "Traceback" not in gateway.log_text(), gateway.log_text(3000)

@@ -17,6 +17,7 @@ runs a longer search.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
@@ -45,11 +46,11 @@ from schemathesis.specs.openapi.checks import (
 from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from tests.reliability.helpers import (
     PING_COMPLETION,
-    GatewayProcess,
     assert_no_traceback,
     assert_openai_error,
     simulated_config,
 )
+from tests.support.gateway import ServerProcess, gateway_process
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 CONFORMANCE_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
@@ -65,7 +66,7 @@ BODIES: dict[str, type[BaseModel]] = {
 
 @dataclass
 class FuzzTarget:
-    gateway: GatewayProcess
+    gateway: ServerProcess
     served: dict[str, Any]  # the spec exactly as served
     schema: Any  # schemathesis schema: the served spec, with request bodies where it had none
     session: requests.Session
@@ -100,14 +101,15 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     workdir = Path(tmp_path_factory.mktemp("fuzz"))
     # A fast model with a small context: no generated request takes long.
     config = simulated_config(tokens_per_second=1_000_000, max_model_len=512)
-    gateway = GatewayProcess(workdir, config).start(probe="/ready")
+    gateway = gateway_process(workdir / "llmserve.yaml", config)
+    asyncio.run(gateway.start("/ready"))
     try:
         served = httpx.get(gateway.url + "/openapi.json", timeout=10).json()
         schema = schemathesis.openapi.from_dict(with_request_bodies(served))
         with requests.Session() as session:
             yield FuzzTarget(gateway, served, schema, session)
     finally:
-        gateway.stop()
+        asyncio.run(gateway.stop())
 
 
 def first_values(headers: dict[str, Any]) -> dict[str, str]:
@@ -191,7 +193,7 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_traceback(target: FuzzTarget) -> N
     for line in metrics.splitlines():
         if line.startswith(("llmserve_requests_in_flight{", "llmserve_queue_requests{")):
             assert float(line.rsplit(" ", 1)[1]) == 0, line
-    assert "Traceback" not in target.gateway.log(), target.gateway.log()[-3000:]
+    assert "Traceback" not in target.gateway.log_text(), target.gateway.log_text(3000)
 
 
 def test_fuzzed_responses_conform_to_the_served_spec(target: FuzzTarget) -> None:

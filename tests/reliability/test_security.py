@@ -8,7 +8,6 @@ past its known CVEs.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
 import importlib.metadata
@@ -40,7 +39,6 @@ from llmserve.engines.registry import ModelRegistry
 from tests.auth.helpers import add_key, bearer
 from tests.conftest import RunningServer, serve, simulated_models
 from tests.reliability.helpers import (
-    GatewayProcess,
     RawAnswer,
     assert_openai_error,
     raw_exchange,
@@ -48,6 +46,9 @@ from tests.reliability.helpers import (
     security_header_problems,
     simulated_config,
 )
+from tests.support.eventually import until
+from tests.support.fake_upstream import FakeUpstream, error
+from tests.support.gateway import gateway_process
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLIC = ("/health", "/ready", "/metrics")
@@ -324,11 +325,10 @@ def leaks(blobs: dict[str, bytes], secrets: dict[str, str]) -> list[str]:
 
 @dataclass
 class Collector:
-    """An OTLP/HTTP collector and a fake upstream engine on one loopback port."""
+    """An OTLP/HTTP collector on loopback."""
 
     traces: list[bytes] = field(default_factory=list)
     metrics: list[bytes] = field(default_factory=list)
-    upstream_authorization: list[str] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -342,20 +342,9 @@ async def collector() -> AsyncIterator[tuple[Collector, str]]:
         (seen.traces if request.path == "/v1/traces" else seen.metrics).append(body)
         return web.Response(body=b"", content_type="application/x-protobuf")
 
-    async def upstream(request: web.Request) -> web.Response:
-        seen.upstream_authorization.append(request.headers.get("Authorization", ""))
-        error = {"message": "this upstream refuses everything", "type": "invalid_request_error"}
-        return web.json_response({"error": error}, status=400)
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
     app = web.Application()
     app.router.add_post("/v1/traces", otlp)
     app.router.add_post("/v1/metrics", otlp)
-    app.router.add_post("/v1/completions", upstream)
-    app.router.add_post("/v1/chat/completions", upstream)
-    app.router.add_get("/health", health)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -389,19 +378,24 @@ async def test_no_key_material_in_responses_logs_metrics_or_traces(
         "unknown": unknown,
         "upstream": upstream_key,
     }
+    refuses = error(400, "this upstream refuses everything", type="invalid_request_error")
+    upstream = FakeUpstream(refuses)
     config = simulated_config(
         auth=f"{{enabled: true, keys_file: '{keys_path}', reload_interval_s: 0.2}}",
         log_level="debug",
         extra=f"observability: {{otlp_endpoint: '{collector_url}', log_format: json}}\n",
         more_models=(
-            f"  - {{engine: openai, name: remote, url: '{collector_url}',"
+            f"  - {{engine: openai, name: remote, url: '{upstream.url}',"
             f" api_key: '{upstream_key}', max_model_len: 256}}\n"
         ),
     )
-    gateway = GatewayProcess(tmp_path, config, env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    gateway = gateway_process(
+        tmp_path / "llmserve.yaml", config, env={"OTEL_BSP_SCHEDULE_DELAY": "100"}
+    )
     blobs: dict[str, bytes] = {}
     try:
-        await gateway.astart()
+        await upstream.start()
+        await gateway.start(ready="/health")
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
             calls: list[tuple[str, str, str, Any, dict[str, str]]] = [
                 ("full", "POST", "/v1/chat/completions", CHAT, bearer(full)),
@@ -465,8 +459,9 @@ async def test_no_key_material_in_responses_logs_metrics_or_traces(
             assert b'key="full"' in metrics.content  # names are labels; keys are not
         assert {200, 400, 401, 403, 404, 429} <= statuses, statuses
     finally:
-        await gateway.astop()
-    log = gateway.log_path.read_bytes()
+        await gateway.stop()
+        await upstream.stop()
+    log = gateway.log.read_bytes()
     blobs["server log"] = log
     assert b'"message": "access"' in log and b'"key": "full"' in log, log[-2000:]
     assert seen.traces, "no span was exported"
@@ -474,7 +469,7 @@ async def test_no_key_material_in_responses_logs_metrics_or_traces(
     blobs["exported metrics"] = b"".join(seen.metrics)
     assert b"full" in blobs["exported spans"]  # the key's name is a span attribute
     # The upstream key was sent where it belongs (to the upstream), and nowhere else.
-    assert seen.upstream_authorization == [f"Bearer {upstream_key}"]
+    assert upstream.authorizations == [f"Bearer {upstream_key}"]
     found = leaks(blobs, secrets)
     assert not found, "key material leaked:\n" + "\n".join(found)
 
@@ -492,25 +487,11 @@ async def test_an_upstream_error_naming_its_key_does_not_reach_the_client() -> N
     """
     upstream_key = "sk-upstream-" + new_key().removeprefix(KEY_PREFIX)
 
-    asked: list[str] = []
-
-    async def echo(request: web.Request) -> web.Response:
-        told = request.headers.get("Authorization", "")
-        asked.append(told)
-        message = f"Incorrect API key provided: {told.removeprefix('Bearer ')}"
-        return web.json_response({"error": {"message": message}}, status=400)
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", echo)
-    app.router.add_post("/v1/chat/completions", echo)
-    app.router.add_get("/health", lambda _: web.Response(text="ok"))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    # It names the key it is given (checked below to be this one).
+    fake = FakeUpstream(error(400, f"Incorrect API key provided: {upstream_key}"))
+    await fake.start()
     settings = Settings(
-        models=[UpstreamModel(engine="openai", name="remote", url=url, api_key=upstream_key)],
+        models=[UpstreamModel(engine="openai", name="remote", url=fake.url, api_key=upstream_key)],
         auth=AuthConfig(enabled=False),
     )
     blobs = {}
@@ -528,7 +509,8 @@ async def test_an_upstream_error_naming_its_key_does_not_reach_the_client() -> N
                     assert response.status_code >= 400 or stream, response.text
                     blobs[f"{path} stream={stream}"] = response.content
     finally:
-        await runner.cleanup()
+        await fake.stop()
+    asked = fake.authorizations
     assert len(asked) == 4 and set(asked) == {f"Bearer {upstream_key}"}, asked
     found = leaks(blobs, {"upstream": upstream_key})
     assert not found, "the upstream key reached the client:\n" + "\n".join(found)
@@ -637,12 +619,12 @@ async def test_security_headers_on_every_response_of_the_app(keys: Keys) -> None
             seen.append((f"{what} ({response.status_code})", response.headers))
 
         for path in PUBLIC:
-            response = await anonymous.get(path)
-            for _ in range(100):  # /ready: 503 until the engines have loaded
-                if response.status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
-                response = await anonymous.get(path)
+
+            async def answered(path: str = path) -> httpx.Response | None:
+                response = await anonymous.get(path)  # /ready: 503 until the engines loaded
+                return response if response.status_code == 200 else None
+
+            response = await until(answered, 3.0, f"GET {path} answered 200", 0.02)
             await record(f"GET {path}", response, 200)
         await record("GET /v1/models", await client.get("/v1/models"), 200)
         await record("GET /openapi.json", await client.get("/openapi.json"), 200)
@@ -719,7 +701,8 @@ async def test_security_headers_on_responses_the_http_parser_writes(
 async def test_the_served_process_sends_no_banner(tmp_path: Path) -> None:
     """``llmserve serve`` itself (not the tests' server): no Server (or X-Powered-By) header on
     app answers, errors, or the parser's own 400."""
-    gateway = await GatewayProcess(tmp_path, simulated_config()).astart()
+    gateway = gateway_process(tmp_path / "llmserve.yaml", simulated_config())
+    await gateway.start(ready="/health")
     try:
         answers = {
             "health": await raw_exchange(gateway.url, request_head("GET", "/health")),
@@ -730,7 +713,7 @@ async def test_the_served_process_sends_no_banner(tmp_path: Path) -> None:
             "parser 400": await raw_exchange(gateway.url, b"GET /a b HTTP/1.1\r\n\r\n"),
         }
     finally:
-        await gateway.astop()
+        await gateway.stop()
     for what, answer in answers.items():
         assert answer.status is not None, what
         for banner in ("server", "x-powered-by"):

@@ -37,7 +37,7 @@ run, e.g. ten minutes with 500 clients:
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import random
 import time
@@ -51,7 +51,10 @@ import httpx
 
 from tests.auth.helpers import add_key, bearer
 from tests.observability.helpers import Scrape, scrape
-from tests.reliability.fault_helpers import GatewayProcess, gateway_process
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
+from tests.support.gateway import ServerProcess, gateway_process
+from tests.support.sse import Comment, Event, aiter_sse
 
 SOAK_S = float(os.environ.get("LLMSERVE_SOAK_S", "60"))
 SOAK_CLIENTS = int(os.environ.get("LLMSERVE_SOAK_CLIENTS", "300"))
@@ -126,7 +129,7 @@ class Outcome:
 
 
 class Soak:
-    def __init__(self, gateway: GatewayProcess, keys: dict[str, str]) -> None:
+    def __init__(self, gateway: ServerProcess, keys: dict[str, str]) -> None:
         self.gateway = gateway
         self.keys = keys
         self.outcomes: list[Outcome] = []
@@ -210,40 +213,33 @@ class Soak:
             self.gateway.url + path, json=body, headers=headers, trace_request_ctx=trace
         ) as response:
             if response.status != 200:
-                error = (await response.json())["error"]
+                error = assert_openai_error(await response.json())
                 return Outcome(who.key, who.model, "rejected", response.status, error["code"])
             if response.content_type == "application/json":
                 data = await response.json()
                 assert data["choices"][0]["finish_reason"] == "length", data
                 return Outcome(who.key, who.model, "completed")
-            # A stream: read it to its end, unless this client cuts it after ``stop`` lines
-            # or seconds (whichever first; keep-alive comments count as lines).
-            started, lines, event = time.monotonic(), 0, "message"
-            async for raw in response.content:
-                line = raw.decode().rstrip("\r\n")
-                if stop is not None and (lines >= stop[0] or time.monotonic() - started >= stop[1]):
+            # A stream: read it to its end, unless this client cuts it after ``stop`` events
+            # or seconds (whichever first; keep-alive comments count as events).
+            started, seen = time.monotonic(), 0
+            items = aiter_sse(response.content.iter_any())
+            async for item in items:
+                if stop is not None and (seen >= stop[0] or time.monotonic() - started >= stop[1]):
                     response.close()  # the client goes away mid-stream
                     return Outcome(who.key, who.model, "aborted")
-                if not line:
-                    event = "message"
+                seen += 1
+                if isinstance(item, Comment):
                     continue
-                lines += 1
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                    continue
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+                if item.done:
                     return Outcome(who.key, who.model, "completed")
-                data = json.loads(payload)
+                data = item.json()
                 if "error" in data:
-                    code = data["error"]["code"]
+                    code = assert_openai_error(data)["code"]
                     if path != "/generate":  # OpenAI streams end with [DONE] after the error
-                        tail = await response.content.read()
-                        assert tail.strip() == b"data: [DONE]", tail
+                        tail = [rest async for rest in items]
+                        assert tail == [Event("[DONE]")], tail
                     return Outcome(who.key, who.model, "in_band", 200, code)
-                if event == "end":
+                if item.event == "end":
                     assert data["finish_reason"] == "length", data
                     return Outcome(who.key, who.model, "completed")
             return Outcome(who.key, who.model, "unexpected", detail="stream ended without an end")
@@ -376,14 +372,15 @@ async def test_soak_accounts_for_every_request_and_holds_nothing(tmp_path: Path)
 
         # -- the server agrees, exactly (it records a request just after its last byte)
         want_requests, want_rejections = expected_counts(soak.outcomes)
-        deadline = time.monotonic() + 15
-        while True:
-            got_requests, got_rejections = server_counts(await scrape(gateway.url))
-            if (got_requests, got_rejections) == (want_requests, want_rejections):
-                break
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        got: list[tuple[Counter[tuple[str, str, str]], Counter[tuple[str, str]]]] = []
+
+        async def agree() -> bool:
+            got.append(server_counts(await scrape(gateway.url)))
+            return got[-1] == (want_requests, want_rejections)
+
+        with contextlib.suppress(AssertionError):  # out of time: the diffs below say how
+            await eventually(agree, 15.0, "the server's counts agree", 0.2)
+        got_requests, got_rejections = got[-1]
         diff_requests = {
             k: (got_requests[k], want_requests[k])
             for k in set(got_requests) | set(want_requests)
@@ -454,4 +451,4 @@ async def assert_concurrency_slots_free(url: str, key: str, slots: int) -> None:
         codes = await asyncio.gather(*holders)
     assert codes == [200] * slots, f"a slot was still held after the soak: {codes}"
     assert extra.status_code == 429, extra.text
-    assert "concurrent requests" in extra.json()["error"]["message"], extra.text
+    assert_openai_error(extra, message_contains="concurrent requests")

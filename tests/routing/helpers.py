@@ -2,11 +2,10 @@
 that report exactly what they saw, and /metrics lookups by model and replica.
 
 Replicas are real llmserve servers with the simulated engine (``serve(simulated_settings())``,
-model "sim" at 200 tokens/s and "slow" at 10 tokens/s), the fake aiohttp upstreams of
-tests/upstream (fixed misbehaviours), or a ``SwitchableUpstream`` below (health and behaviour
-changed at run time, restartable on its port). The gateway is looked at only over HTTP and
-/metrics; which replica served a request is read from the replicas themselves (the simulated
-engine's ``started`` records, the fakes' request lists).
+model "sim" at 200 tokens/s and "slow" at 10 tokens/s), or the fake upstream of tests/support
+(a misbehaviour each, health and behaviour changed at run time, restartable on its port). The
+gateway is looked at only over HTTP and /metrics; which replica served a request is read from
+the replicas themselves (the simulated engine's ``started`` records, the fakes' request lists).
 
 The Prometheus counters are process-global (the replicas run in this process too), so every
 test uses its own gateway model names and compares scrapes before and after.
@@ -15,14 +14,11 @@ test uses its own gateway model names and compares scrapes before and after.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
-import orjson
-from aiohttp import web
 from pydantic import SecretStr
 
 from llmserve.config import (
@@ -33,26 +29,13 @@ from llmserve.config import (
     UpstreamModel,
     UpstreamReplica,
 )
-from tests.conftest import (
-    RunningServer,
-    free_port,
-    serve,
-    sim_engine,
-    simulated_settings,
-    start_openai_server,
-)
+from tests.conftest import sim_engine, simulated_settings
 from tests.observability.helpers import Deltas, Scrape, scrape
-from tests.sse_client import Seen
-from tests.upstream.test_upstream_engine import FakeUpstream, chat_chunk, open_sse
+from tests.support.client import Seen
+from tests.support.eventually import eventually, until
+from tests.support.gateway import RunningServer, free_port, serve
 
-__all__ = [
-    "Deltas",
-    "FakeUpstream",
-    "Scrape",
-    "chat_chunk",
-    "open_sse",
-    "scrape",
-]
+__all__ = ["Deltas", "Scrape", "scrape"]
 
 # What the simulated engine emits without a seed: its word cycle from the start.
 SIM_WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
@@ -139,15 +122,13 @@ async def gateway(
 
 
 async def wait_ready(url: str, within_s: float = 15.0) -> httpx.Response:
-    deadline = time.monotonic() + within_s
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        while True:
+
+        async def ready() -> httpx.Response | None:
             response = await client.get("/ready")
-            if response.status_code == 200:
-                return response
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{url} not ready within {within_s} s: {response.text}")
-            await asyncio.sleep(0.05)
+            return response if response.status_code == 200 else None
+
+        return await until(ready, within_s, f"{url} ready", interval=0.05)
 
 
 async def get_json(url: str, path: str) -> tuple[int, Any, httpx.Headers]:
@@ -267,36 +248,28 @@ async def until_gauge(
     url: str, model: str, replica_url: str, index: int, expected: float, within_s: float = 5.0
 ) -> float:
     """Scrape until the replica's health gauge reads ``expected``; returns how long it took."""
-    started = time.monotonic()
-    value: float | None = None
-    while time.monotonic() - started < within_s:
+
+    async def reads() -> bool:
+        return await healthy_gauge(url, model, replica_url, index) == expected
+
+    try:
+        return await eventually(reads, within_s, interval=0.05)
+    except AssertionError:
         value = await healthy_gauge(url, model, replica_url, index)
-        if value == expected:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    snapshot = await scrape(url)
-    raise AssertionError(
-        f"llmserve_replica_healthy for {model}/{replica_url} is {value}, not {expected}, "
-        f"after {within_s} s; labels: {replica_labels(snapshot, 'llmserve_replica_healthy', model)}"
-    )
+        labels = replica_labels(await scrape(url), "llmserve_replica_healthy", model)
+        raise AssertionError(
+            f"llmserve_replica_healthy for {model}/{replica_url} is {value}, not {expected}, "
+            f"after {within_s} s; labels: {labels}"
+        ) from None
 
 
 async def until_in_flight(url: str, model: str, expected: float, within_s: float = 3.0) -> None:
     """Scrape until the gateway says ``expected`` requests of ``model`` run on its engine."""
-    started = time.monotonic()
-    while (await scrape(url)).value("llmserve_requests_in_flight", model=model) != expected:
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"{model}: in flight never reached {expected}")
-        await asyncio.sleep(0.02)
 
+    async def reached() -> bool:
+        return (await scrape(url)).value("llmserve_requests_in_flight", model=model) == expected
 
-async def until(condition: Callable[[], bool], within_s: float = 5.0, what: str = "") -> float:
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"not within {within_s} s: {what or condition}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
+    await eventually(reached, within_s, f"{model}: in flight reaching {expected}", interval=0.02)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,72 +292,3 @@ async def sim_replicas(
 def closed_url() -> str:
     """A loopback URL where nothing listens: connections are refused."""
     return f"http://127.0.0.1:{free_port()}"
-
-
-class SwitchableUpstream:
-    """An OpenAI-compatible chat server on a fixed loopback port, changed at run time.
-
-    ``health`` is what ``GET /health`` answers; ``mode`` what a generation request gets
-    ("ok": ``tokens`` words then finish, usage and [DONE]; "error500"; "hang": headers, then
-    silence). It records every generation request's Authorization header. ``stop()`` closes
-    the port (connections refused), ``start()`` brings it back on the same port."""
-
-    def __init__(self, *, tokens: int = 3) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.health = 200
-        self.mode = "ok"
-        self.tokens = tokens
-        self.authorizations: list[str | None] = []
-        self.health_checks = 0
-        self._runner: web.AppRunner | None = None
-        self._release = asyncio.Event()
-
-    @property
-    def received(self) -> int:
-        return len(self.authorizations)
-
-    async def start(self) -> None:
-        runner = await start_openai_server(self.port, self._generate, self._health)
-        self._release = asyncio.Event()
-        self._runner = runner
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            self._release.set()
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-
-    async def __aenter__(self) -> SwitchableUpstream:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
-
-    async def _health(self, _: web.Request) -> web.StreamResponse:
-        self.health_checks += 1
-        return web.json_response({"ok": self.health == 200}, status=self.health)
-
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.authorizations.append(request.headers.get("Authorization"))
-        if self.mode == "error500":
-            error = {"error": {"message": "engine crashed", "type": "server_error"}}
-            return web.json_response(error, status=500)
-        response = await open_sse(request)
-        if self.mode == "hang":
-            await self._release.wait()
-            return response
-        for i in range(self.tokens):
-            await response.write(chat_chunk(f" w{i}"))
-        await response.write(chat_chunk(finish="length"))
-        usage = {"prompt_tokens": 3, "completion_tokens": self.tokens, "total_tokens": 3}
-        body = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "fake"}
-        await response.write(b"data: " + orjson.dumps({**body, "choices": [], "usage": usage}))
-        await response.write(b"\n\ndata: [DONE]\n\n")
-        return response
-
-
-def switchable_text(tokens: int) -> str:
-    return "".join(f" w{i}" for i in range(tokens))

@@ -23,7 +23,8 @@ from tests.routing.helpers import (
     until_in_flight,
     upstream_model,
 )
-from tests.sse_client import call
+from tests.support.client import call
+from tests.support.eventually import eventually
 
 CANONICAL = "rt-alias"
 ALIASES = ("rt-alias-a", "rt-alias-b")
@@ -91,15 +92,12 @@ async def test_models_lists_aliases_of_serving_models_only() -> None:
         # Wait until health checks have run: the live model's aliases appear.
         entries: dict[str, dict[str, object]] = {}
 
-        async def refresh() -> None:
+        async def all_listed() -> bool:
             entries.clear()
             entries.update(await listed())
+            return all(a in entries for a in ALIASES)
 
-        for _ in range(100):
-            await refresh()
-            if all(a in entries for a in ALIASES):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(all_listed, 5.0, "every alias listed", 0.05)
 
     assert CANONICAL in entries, entries
     for alias in ALIASES:

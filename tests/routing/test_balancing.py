@@ -13,7 +13,6 @@ import time
 from llmserve.config import AdmissionConfig, Settings, SimulatedModel, UpstreamModel
 from tests.conftest import sim_engine
 from tests.routing.helpers import (
-    SwitchableUpstream,
     assert_full,
     call_many,
     gateway,
@@ -21,10 +20,10 @@ from tests.routing.helpers import (
     sim_replicas,
     started_counts,
     started_since,
-    switchable_text,
     upstream_model,
 )
-from tests.sse_client import call
+from tests.support.client import call
+from tests.support.fake_upstream import FakeUpstream, fake_text
 
 
 async def test_concurrent_streams_split_evenly_by_default() -> None:
@@ -259,8 +258,8 @@ async def test_chats_with_a_common_system_prompt_go_to_the_same_replica() -> Non
 
 async def test_each_replica_gets_its_own_api_key() -> None:
     async with (
-        SwitchableUpstream() as first,
-        SwitchableUpstream() as second,
+        FakeUpstream() as first,
+        FakeUpstream() as second,
         gateway(
             upstream_model(
                 "rt-keys", [first.url, second.url], api_keys=["key-one", None], upstream="m"
@@ -271,7 +270,7 @@ async def test_each_replica_gets_its_own_api_key() -> None:
 
     for s in seen:
         assert s.ok, s
-        assert s.text == switchable_text(3)
+        assert s.text == fake_text(3)
     assert first.received and second.received, (first.received, second.received)
     assert set(first.authorizations) == {"Bearer key-one"}
     assert set(second.authorizations) == {None}

@@ -2,7 +2,7 @@
 after its first token it is never retried (the client would see duplicated text) and ends with
 an in-band error. Every upstream timeout has its own error code and failure metric.
 
-Bad replicas are the fake aiohttp upstreams of tests/upstream (a fixed misbehaviour each) or
+Bad replicas are the fake upstreams of tests/support (a fixed misbehaviour each) or
 real replicas taken down after the gateway saw them healthy. When a test needs a request to hit
 the bad replica, it sends several at once: least-outstanding spreads concurrent requests over
 both replicas, so at least one meets the bad one whatever the tie-break.
@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from contextlib import AsyncExitStack
 
 import httpx
 import pytest
-from aiohttp import web
 
 from tests.conftest import free_port, serve, sim_engine, simulated_settings
 from tests.routing.helpers import (
     Deltas,
-    FakeUpstream,
     assert_error,
     assert_full,
     assert_in_band,
     call_many,
-    chat_chunk,
     closed_url,
     gateway,
     healthy_gauge,
-    open_sse,
     replica_labels,
     replica_value,
     sim_replicas,
@@ -40,8 +35,18 @@ from tests.routing.helpers import (
     started_since,
     upstream_model,
 )
-from tests.sse_client import call
-from tests.upstream.test_upstream_engine import fake_upstream
+from tests.support.client import call
+from tests.support.eventually import eventually
+from tests.support.fake_upstream import (
+    ERROR_JSON,
+    HANG_AFTER_HEADERS,
+    HANG_BEFORE_HEADERS,
+    FakeUpstream,
+    answer,
+    chat_chunk,
+    sse_frames,
+)
+from tests.support.sse import aiter_events
 
 FIRST_TOKEN_TIMEOUT_S = 1.0  # FAST_TIMEOUTS in helpers: every gateway here uses it
 
@@ -51,61 +56,27 @@ FIRST_TOKEN_TIMEOUT_S = 1.0  # FAST_TIMEOUTS in helpers: every gateway here uses
 # ---------------------------------------------------------------------------------------------
 
 
-async def error_500(_: web.Request, __: FakeUpstream) -> web.StreamResponse:
-    body = {"error": {"message": "engine crashed", "type": "server_error", "code": None}}
-    return web.json_response(body, status=500)
-
-
-async def reject_400(_: web.Request, __: FakeUpstream) -> web.StreamResponse:
-    body = {
+error_500 = ERROR_JSON
+reject_400 = answer(
+    {
         "error": {
             "message": "This model's maximum context length is 8 tokens",
             "type": "invalid_request_error",
             "param": "messages",
             "code": "context_length_exceeded",
         }
-    }
-    return web.json_response(body, status=400)
-
-
-async def hang_before_headers(_: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-    await fake.release.wait()
-    return web.Response(status=503)
-
-
-async def hang_after_headers(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-    response = await open_sse(request)
-    await response.write(b": still here\n\n")
-    await fake.release.wait()
-    return response
-
-
-async def garbage_first(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-    response = await open_sse(request)
-    await response.write(b"data: {not json at all\n\n")
-    await fake.release.wait()
-    return response
-
-
+    },
+    400,
+)
+hang_before_headers = HANG_BEFORE_HEADERS
+hang_after_headers = HANG_AFTER_HEADERS
+garbage_first = sse_frames(b"data: {not json at all\n\n", ending="hang")
 DROPPED_WORDS = (" one", " two", " three")
-
-
-async def drop_mid_stream(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-    response = await open_sse(request)
-    for word in DROPPED_WORDS:
-        await response.write(chat_chunk(word))
-        await asyncio.sleep(0.05)  # spaced out as a real server's tokens are
-    assert request.transport is not None
-    request.transport.close()  # the connection drops mid-body
-    return response
-
-
-async def hang_between_tokens(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-    response = await open_sse(request)
-    await response.write(chat_chunk(" one"))
-    await response.write(chat_chunk(" two"))
-    await fake.release.wait()
-    return response
+# Spaced out as a real server's tokens are, then the connection drops mid-body.
+drop_mid_stream = sse_frames(
+    *(chat_chunk(word) for word in DROPPED_WORDS), interval_s=0.05, ending="close"
+)
+hang_between_tokens = sse_frames(chat_chunk(" one"), chat_chunk(" two"), ending="hang")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +108,7 @@ async def test_failure_before_the_first_token_fails_over(case: str, stream: bool
     behave, kind = BEFORE_FIRST_TOKEN[case]
     model = f"rt-fo-{case}"
     async with (
-        fake_upstream(behave) as bad,
+        FakeUpstream(behave) as bad,
         sim_replicas(1) as (good,),
         gateway(upstream_model(model, [bad.url, good.url])) as gw,
     ):
@@ -227,9 +198,9 @@ async def test_a_request_is_retried_once_not_more() -> None:
     """Three replicas that all answer 500: two tries, then the client gets the error."""
     model = "rt-fo-once"
     async with (
-        fake_upstream(error_500) as a,
-        fake_upstream(error_500) as b,
-        fake_upstream(error_500) as c,
+        FakeUpstream(error_500) as a,
+        FakeUpstream(error_500) as b,
+        FakeUpstream(error_500) as c,
         gateway(upstream_model(model, [a.url, b.url, c.url])) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -251,8 +222,8 @@ async def test_every_replica_silent_is_a_504_first_token_timeout() -> None:
     model = "rt-fo-silent"
     stream = True
     async with (
-        fake_upstream(hang_after_headers) as a,
-        fake_upstream(hang_before_headers) as b,
+        FakeUpstream(hang_after_headers) as a,
+        FakeUpstream(hang_before_headers) as b,
         gateway(upstream_model(model, [a.url, b.url])) as gw,
     ):
         seen = await call(gw.url, model, stream=stream)
@@ -266,10 +237,11 @@ async def test_every_replica_silent_is_a_504_first_token_timeout() -> None:
 
 async def wait_until_not_ready(url: str, model: str, within_s: float = 3.0) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        deadline = time.monotonic() + within_s
-        while (await client.get("/ready")).json()["models"].get(model) is not False:
-            assert time.monotonic() < deadline, f"{model} still counted healthy"
-            await asyncio.sleep(0.05)
+
+        async def not_ready() -> bool:
+            return (await client.get("/ready")).json()["models"].get(model) is False
+
+        await eventually(not_ready, within_s, f"{model} no longer counted healthy", 0.05)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -298,8 +270,8 @@ async def test_every_replica_unreachable_is_503_then_no_healthy_replica(stream: 
 async def test_upstream_400_is_passed_on_and_not_retried(stream: bool) -> None:
     model = f"rt-fo-400-{stream}"
     async with (
-        fake_upstream(reject_400) as a,
-        fake_upstream(reject_400) as b,
+        FakeUpstream(reject_400) as a,
+        FakeUpstream(reject_400) as b,
         gateway(upstream_model(model, [a.url, b.url])) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -348,8 +320,8 @@ def _dropped_text_ok(text: str) -> bool:
 async def test_stream_broken_after_the_first_token_ends_in_band_without_retry() -> None:
     model = "rt-fo-drop-stream"
     async with (
-        fake_upstream(drop_mid_stream) as a,
-        fake_upstream(drop_mid_stream) as b,
+        FakeUpstream(drop_mid_stream) as a,
+        FakeUpstream(drop_mid_stream) as b,
         gateway(upstream_model(model, [a.url, b.url])) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -367,8 +339,8 @@ async def test_stream_broken_after_the_first_token_ends_in_band_without_retry() 
 async def test_whole_request_broken_after_the_first_token_is_a_502_without_retry() -> None:
     model = "rt-fo-drop-whole"
     async with (
-        fake_upstream(drop_mid_stream) as a,
-        fake_upstream(drop_mid_stream) as b,
+        FakeUpstream(drop_mid_stream) as a,
+        FakeUpstream(drop_mid_stream) as b,
         gateway(upstream_model(model, [a.url, b.url])) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -387,8 +359,8 @@ async def test_whole_request_broken_after_the_first_token_is_a_502_without_retry
 async def test_stream_stalled_between_tokens_ends_with_between_tokens_timeout() -> None:
     model = "rt-fo-stall"
     async with (
-        fake_upstream(hang_between_tokens) as a,
-        fake_upstream(hang_between_tokens) as b,
+        FakeUpstream(hang_between_tokens) as a,
+        FakeUpstream(hang_between_tokens) as b,
         gateway(upstream_model(model, [a.url, b.url])) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -423,11 +395,7 @@ async def test_total_timeout_ends_a_long_generation(stream: bool) -> None:
         assert_full(await call(gw.url, model, max_tokens=2), 2, model=model)
         # The replica's generation was stopped, not left to run for ten seconds.
         engine = sim_engine(replica, "slow")
-        for _ in range(100):
-            if not engine.active:
-                break
-            await asyncio.sleep(0.02)
-        assert not engine.active
+        await eventually(lambda: not engine.active, 2.0, "the generation stopped", 0.02)
 
     if stream:
         assert_in_band(seen, "request_timeout")
@@ -441,7 +409,7 @@ async def test_failures_of_different_kinds_are_counted_per_replica() -> None:
     """The failure counter's replica label tells replicas apart."""
     model = "rt-fo-labels"
     async with (
-        fake_upstream(error_500) as bad,
+        FakeUpstream(error_500) as bad,
         sim_replicas(1) as (good,),
         gateway(upstream_model(model, [bad.url, good.url])) as gw,
     ):
@@ -469,8 +437,8 @@ async def test_client_that_goes_away_is_neither_retried_nor_held_against_the_rep
     behave = hang_before_headers if when == "before-first-token" else hang_between_tokens
     slow_checks = {"probe_interval_s": 30.0}  # an ejected replica would stay out
     async with (
-        fake_upstream(behave) as a,
-        fake_upstream(behave) as b,
+        FakeUpstream(behave) as a,
+        FakeUpstream(behave) as b,
         gateway(upstream_model(model, [a.url, b.url], health=slow_checks)) as gw,
     ):
         metrics = await Deltas.start(gw.url)
@@ -481,8 +449,8 @@ async def test_client_that_goes_away_is_neither_retried_nor_held_against_the_rep
                     await client.post("/v1/chat/completions", json=body, timeout=0.3)
             else:
                 async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    async for line in response.aiter_lines():
-                        if "one" in line:
+                    async for event in aiter_events(response):
+                        if "one" in event.data:
                             break  # got the first token: hang up
         # Past the first-token and between-tokens timeouts (1 s): a retry would have happened.
         await asyncio.sleep(1.3)
@@ -550,10 +518,12 @@ async def test_replica_killed_mid_run_loses_and_duplicates_nothing() -> None:
             ]
             victim_engine = sim_engine(victim, "slow")
             survivor_engine = sim_engine(survivor, "slow")
-            for _ in range(200):
-                if len(victim_engine.active) + len(survivor_engine.active) == 20:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(
+                lambda: len(victim_engine.active) + len(survivor_engine.active) == 20,
+                5.0,
+                "all 20 generating",
+                0.02,
+            )
             on_victim = len(victim_engine.active)
             on_survivor = len(survivor_engine.active)
             assert on_victim + on_survivor == 20, (on_victim, on_survivor)

@@ -8,34 +8,33 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
-from aiohttp import web
-
 from llmserve.config import SimulatedModel
 from tests.conftest import free_port, serve, simulated_settings
 from tests.routing.helpers import (
     Deltas,
-    FakeUpstream,
-    SwitchableUpstream,
     assert_error,
     assert_full,
     assert_in_band,
     call_many,
-    chat_chunk,
     gateway,
     get_json,
     healthy_gauge,
-    open_sse,
     replica_labels,
     scrape,
     sim_replicas,
     started_counts,
     started_since,
-    switchable_text,
     until_gauge,
     upstream_model,
 )
-from tests.sse_client import call
-from tests.upstream.test_upstream_engine import fake_upstream
+from tests.support.client import call
+from tests.support.fake_upstream import (
+    FakeUpstream,
+    chat_chunk,
+    error,
+    fake_text,
+    sse_frames,
+)
 
 
 async def test_failed_replica_is_ejected_then_used_again_when_it_comes_back() -> None:
@@ -81,15 +80,11 @@ async def test_failed_replica_is_ejected_then_used_again_when_it_comes_back() ->
 async def test_replica_is_ejected_after_eject_after_failures_failed_requests() -> None:
     """eject_after_failures=3: two failed requests leave the replica in, the third takes it
     out. Pairs of concurrent requests put one request on each replica while both are in."""
-
-    async def error_500(_: web.Request, __: FakeUpstream) -> web.StreamResponse:
-        return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
-
     model = "rt-health-threshold"
     # Its /health answers 200: probed often, it would be back in at once. Keep it out.
     three_strikes = {"eject_after_failures": 3, "probe_interval_s": 30.0}
     async with (
-        fake_upstream(error_500) as bad,
+        FakeUpstream(error(500, "boom")) as bad,
         sim_replicas(1) as (good,),
         gateway(upstream_model(model, [bad.url, good.url], health=three_strikes)) as gw,
     ):
@@ -110,8 +105,8 @@ async def test_replica_whose_health_check_fails_is_taken_out_and_put_back() -> N
     model = "rt-health-active"
     fast_checks = {"interval_s": 0.2, "probe_interval_s": 0.2}
     async with (
-        SwitchableUpstream() as sick,
-        SwitchableUpstream() as well,
+        FakeUpstream() as sick,
+        FakeUpstream() as well,
         gateway(
             upstream_model(model, [sick.url, well.url], health=fast_checks, upstream="m")
         ) as gw,
@@ -121,7 +116,7 @@ async def test_replica_whose_health_check_fails_is_taken_out_and_put_back() -> N
         assert await healthy_gauge(gw.url, model, well.url, 1) == 1
         received = sick.received
         for s in await call_many(8, lambda _: call(gw.url, model, max_tokens=3)):
-            assert s.ok and s.text == switchable_text(3), s
+            assert s.ok and s.text == fake_text(3), s
         assert sick.received == received, "a request went to the replica that failed its check"
 
         sick.health = 200
@@ -133,17 +128,11 @@ async def test_replica_whose_health_check_fails_is_taken_out_and_put_back() -> N
 
 async def test_stream_that_stops_producing_tokens_ejects_its_replica() -> None:
     """Passive health counts a stalled stream too, not only errors and refused connections."""
-
-    async def stalls(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(chat_chunk(" one"))
-        await fake.release.wait()
-        return response
-
+    stalls = sse_frames(chat_chunk(" one"), ending="hang")
     model = "rt-health-stall"
     slow_probes = {"probe_interval_s": 30.0}  # once out, it stays out for this test
     async with (
-        fake_upstream(stalls) as staller,
+        FakeUpstream(stalls) as staller,
         sim_replicas(1) as (good,),
         gateway(upstream_model(model, [staller.url, good.url], health=slow_probes)) as gw,
     ):
@@ -163,8 +152,8 @@ async def test_ready_names_the_model_without_a_healthy_replica() -> None:
     fast_checks = {"interval_s": 0.2, "probe_interval_s": 0.2}
     async with (
         sim_replicas(1) as (replica,),
-        SwitchableUpstream() as d1,
-        SwitchableUpstream() as d2,
+        FakeUpstream() as d1,
+        FakeUpstream() as d2,
         gateway(
             upstream_model(up, [replica.url], health=fast_checks),
             upstream_model(down, [d1.url, d2.url], health=fast_checks, upstream="m"),
@@ -202,7 +191,7 @@ async def test_ready_names_the_model_without_a_healthy_replica() -> None:
         assert status == 200, body
         assert body["replicas"][down] == {"healthy": 1, "total": 2}
         served = await call(gw.url, down, max_tokens=3)
-        assert served.ok and served.text == switchable_text(3), served
+        assert served.ok and served.text == fake_text(3), served
 
 
 async def test_ready_covers_in_process_models_beside_upstream_ones() -> None:
@@ -242,34 +231,18 @@ async def test_a_wedged_health_endpoint_is_out_and_slows_no_other_check() -> Non
     """/health that never answers: the check's own timeout (timeout_s) takes the replica out,
     and the other replica is still checked every interval (not once per wedged timeout)."""
     model = "rt-health-wedged"
-    wedged = asyncio.Event()
-
-    async def health(_: web.Request) -> web.StreamResponse:
-        await wedged.wait()
-        return web.json_response({})
-
-    port = free_port()
-    app = web.Application()
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        checks = {"interval_s": 0.2, "probe_interval_s": 0.2, "timeout_s": 1.5}
-        async with (
-            SwitchableUpstream() as fine,
-            gateway(
-                upstream_model(model, [url, fine.url], health=checks, upstream="m"), ready=False
-            ) as gw,
-        ):
-            await until_gauge(gw.url, model, fine.url, 1, 1, within_s=3.0)
-            checked = fine.health_checks
-            await asyncio.sleep(2.0)
-            checks_in_2s = fine.health_checks - checked
-            await until_gauge(gw.url, model, url, 0, 0, within_s=3.0)
-    finally:
-        wedged.set()
-        await runner.cleanup()
+    checks = {"interval_s": 0.2, "probe_interval_s": 0.2, "timeout_s": 1.5}
+    async with (
+        FakeUpstream(health=None) as wedged,
+        FakeUpstream() as fine,
+        gateway(
+            upstream_model(model, [wedged.url, fine.url], health=checks, upstream="m"), ready=False
+        ) as gw,
+    ):
+        await until_gauge(gw.url, model, fine.url, 1, 1, within_s=3.0)
+        checked = fine.health_checks
+        await asyncio.sleep(2.0)
+        checks_in_2s = fine.health_checks - checked
+        await until_gauge(gw.url, model, wedged.url, 0, 0, within_s=3.0)
     # Every 0.2 s: about 10. Checks that wait for the wedged one: at most 2.
     assert checks_in_2s >= 5, f"the healthy replica was checked {checks_in_2s} times in 2 s"

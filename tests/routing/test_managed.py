@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ import psutil
 import yaml
 
 from llmserve.config import HealthConfig, ManagedModel, SimulatedModel
-from tests.conftest import free_port
 from tests.routing.helpers import (
     Deltas,
     assert_full,
@@ -33,7 +31,9 @@ from tests.routing.helpers import (
     scrape,
     wait_ready,
 )
-from tests.sse_client import call
+from tests.support.client import call
+from tests.support.eventually import eventually
+from tests.support.gateway import gateway_process
 
 # A child llmserve takes 1-2 s to answer on an idle 2-core machine, several times that on a
 # busy one: the bounds below are generous, the tests return as soon as what they wait for holds.
@@ -41,10 +41,12 @@ START_WITHIN_S = 60.0
 
 
 def child_config(tmp_path: Path, name: str) -> Path:
-    """The YAML config of a child llmserve serving ``name`` with the simulated engine."""
+    """The YAML config of a child llmserve serving ``name`` with the simulated engine (keys off:
+    the gateway calls it without one)."""
     path = tmp_path / f"{name}-child.yaml"
     config = {
         "log_level": "warning",
+        "auth": {"enabled": False},
         "models": [
             {
                 "engine": "simulated",
@@ -84,16 +86,8 @@ def alive(pid: int) -> bool:
 
 
 async def wait_for(condition: Any, within_s: float, what: str) -> float:
-    started = time.monotonic()
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"not within {within_s} s: {what}")
-        await asyncio.sleep(0.1)
+    # Every 0.1 s: a walk of the process tree is not free on a busy machine.
+    return await eventually(condition, within_s, what, interval=0.1)
 
 
 async def test_managed_replicas_serve_survive_a_kill_and_stop_with_the_gateway(
@@ -189,6 +183,7 @@ async def test_crash_looping_model_never_takes_down_the_gateway(tmp_path: Path) 
         yaml.safe_dump(
             {
                 "log_level": "warning",
+                "auth": {"enabled": False},
                 "cache_dir": str(tmp_path),
                 "models": [
                     {
@@ -205,28 +200,22 @@ async def test_crash_looping_model_never_takes_down_the_gateway(tmp_path: Path) 
             }
         )
     )
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "gateway.log"
-    process = subprocess.Popen(  # noqa: ASYNC220 - starting a server, not waiting on it
-        [sys.executable, "-m", "llmserve", "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
+    process = gateway_process(config)
+    url = process.url
+
+    async def other_serves() -> bool:
+        try:
+            seen = await call(url, other, max_tokens=3, timeout_s=5)
+        except httpx.TransportError:
+            return False
+        return seen.ok
+
     try:
-
-        async def other_serves() -> bool:
-            try:
-                seen = await call(url, other, max_tokens=3, timeout_s=5)
-            except httpx.TransportError:
-                return False
-            return seen.ok
-
-        await wait_for(other_serves, START_WITHIN_S, "the other model to serve")
+        await process.start(ready=other_serves, within_s=START_WITHIN_S)
         served_at = time.monotonic()
         first = await scrape(url)
         await asyncio.sleep(3.0)  # past the crashing engine's startup timeout (2 s)
-        assert process.poll() is None, "the gateway died with its crashing engine"
+        assert process.returncode is None, "the gateway died with its crashing engine"
         last = await scrape(url)
 
         restarts = last.value("llmserve_engine_restarts_total", model=crash) - first.value(
@@ -246,13 +235,8 @@ async def test_crash_looping_model_never_takes_down_the_gateway(tmp_path: Path) 
         status, _, _ = await get_json(url, "/health")
         assert status == 200
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        stderr = log.read_text(errors="replace")
+        await process.stop(15.0)
+        stderr = process.log_text()
         assert "Traceback" not in stderr, stderr[-3000:]
     assert children_running(marker) == {}
 

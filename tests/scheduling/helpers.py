@@ -1,11 +1,10 @@
-"""Shared pieces of the admission tests: settings, SSE reading, raw sockets, polling."""
+"""Shared pieces of the admission tests: settings, streams read with their times, raw sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +12,9 @@ import httpx
 
 from llmserve.config import AdmissionConfig, Limits, Settings, SimulatedModel
 from llmserve.scheduling.admission import Admission
+from tests.support import sse
+from tests.support.errors import assert_openai_error
+from tests.support.sse import Comment, Event
 
 PROMPT = "hello there"
 
@@ -50,16 +52,6 @@ def completion(
     return body
 
 
-async def eventually(condition: Callable[[], bool], within: float = 2.0, what: str = "") -> float:
-    """Poll until ``condition`` holds; returns how long it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"not within {within} s: {what or condition}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
-
-
 def assert_idle(admission: Admission) -> None:
     """Nothing runs, nothing waits, and no token or waiter bookkeeping is left behind."""
     assert admission.in_flight == 0
@@ -77,22 +69,22 @@ class StreamResult:
     status: int
     headers: httpx.Headers
     started: float  # when the status line arrived (monotonic)
-    frames: list[tuple[float, str]] = field(default_factory=list)
+    frames: list[Event | Comment] = field(default_factory=list)  # each stamped with its arrival
     body: bytes = b""
     error: BaseException | None = None
     ended: float = 0.0  # when the body ended or broke off (monotonic)
 
     @property
-    def data(self) -> list[tuple[float, str]]:
-        return [(t, f.removeprefix("data: ")) for t, f in self.frames if f.startswith("data:")]
+    def events(self) -> list[Event]:
+        return sse.events(self.frames)
 
     @property
     def chunks(self) -> list[dict[str, Any]]:
-        return [json.loads(d) for _, d in self.data if d != "[DONE]"]
+        return [e.json() for e in self.events if not e.done]
 
     @property
     def done(self) -> bool:
-        return bool(self.data) and self.data[-1][1] == "[DONE]"
+        return bool(self.events) and self.events[-1].done
 
     @property
     def token_chunks(self) -> int:
@@ -119,10 +111,7 @@ def assert_overloaded(response: httpx.Response | StreamResult, code: str) -> Non
     assert status == 503, body
     assert headers["content-type"].startswith("application/json")
     retry_after(headers)
-    error = json.loads(body)["error"]
-    assert error["code"] == code
-    assert error["type"] == "server_error"
-    assert isinstance(error["message"], str) and error["message"]
+    assert_openai_error(body, type="server_error", code=code)
 
 
 async def read_stream(
@@ -134,16 +123,11 @@ async def read_stream(
         result.body = await response.aread()
         result.ended = time.monotonic()
         return result
-    buffer = b""
     try:
-        async for chunk in response.aiter_raw():
-            now = time.monotonic()
-            buffer += chunk
-            while b"\n\n" in buffer:
-                frame, buffer = buffer.split(b"\n\n", 1)
-                result.frames.append((now, frame.decode()))
-                if on_first_data is not None and frame.startswith(b"data:"):
-                    on_first_data.set()
+        async for item in sse.aiter_sse(response):
+            result.frames.append(item)
+            if on_first_data is not None and isinstance(item, Event):
+                on_first_data.set()
     except httpx.HTTPError as exc:  # the server closed the connection mid-stream
         result.error = exc
     result.ended = time.monotonic()

@@ -22,11 +22,13 @@ from tests.scheduling.helpers import (
     assert_idle,
     assert_overloaded,
     completion,
-    eventually,
     model,
     settings,
     stream_request,
 )
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
+from tests.support.sse import Comment, Event, aiter_events, aiter_sse
 
 PATH = "/v1/completions"
 
@@ -197,10 +199,9 @@ async def test_an_invalid_queue_timeout_header_is_400() -> None:
                         headers={"X-Queue-Timeout": value},
                     )
                     assert response.status_code == 400, (value, stream, response.text)
-                    assert response.headers["content-type"].startswith("application/json")
-                    error = response.json()["error"]
-                    assert error["type"] == "invalid_request_error"
-                    assert error["param"] == "x-queue-timeout"
+                    assert_openai_error(
+                        response, 400, type="invalid_request_error", param="x-queue-timeout"
+                    )
         assert sim_engine(server, "q").started == set()
         assert_idle(server.models.admission("q"))
 
@@ -223,8 +224,8 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue_at_once(how: s
             if how == "stream-after-keepalive":
                 async with client.stream("POST", PATH, json=body) as response:
                     assert response.status_code == 200
-                    async for line in response.aiter_lines():
-                        if line.startswith(":"):
+                    async for item in aiter_sse(response):
+                        if isinstance(item, Comment):
                             break  # a keep-alive came: the request is still queued; leave
                     assert admission.queued == 1
             else:
@@ -262,21 +263,19 @@ async def test_a_queued_stream_gets_keepalive_comments_then_its_tokens() -> None
         assert result.headers["content-type"].startswith("text/event-stream")
         # The status came after one keep-alive interval (0.2 s), not after the ~1.5 s queue wait.
         assert result.started - t0 < 1.0
-        first_data = next(
-            i for i, (_, frame) in enumerate(result.frames) if frame.startswith("data:")
-        )
-        waiting = [frame for _, frame in result.frames[:first_data]]
+        first_data = next(i for i, f in enumerate(result.frames) if isinstance(f, Event))
+        waiting = result.frames[:first_data]
         # ~1.5 s in the queue at one comment per 0.2 s after the first: several, never fewer
         # than three even on a loaded machine.
         assert len(waiting) >= 3, result.frames
-        assert all(frame.startswith(":") for frame in waiting), waiting
-        first_data_at = result.frames[first_data][0]
+        assert all(isinstance(frame, Comment) for frame in waiting), waiting
+        first_data_at = result.frames[first_data].at
         assert first_data_at - t0 > 1.0  # it really did wait behind the blocker
         # Then an ordinary stream: five tokens, a finish reason, [DONE], nothing after it.
         assert result.token_chunks == 5
         assert result.chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert result.done
-        assert result.frames[-1][1] == "data: [DONE]"
+        assert result.frames[-1] == Event("[DONE]")
         assert result.error is None
         assert_idle(admission)
 
@@ -323,8 +322,8 @@ async def test_no_slot_token_or_waiter_leaks_after_every_kind_of_ending() -> Non
             # Leaves while queued, after its stream opened with keep-alives.
             async with client.stream("POST", PATH, json=completion("mix", 3, stream=True)) as r:
                 assert r.status_code == 200
-                async for line in r.aiter_lines():
-                    if line.startswith(":"):
+                async for item in aiter_sse(r):
+                    if isinstance(item, Comment):
                         break
             await eventually(lambda: mix.queued == 1)
             endings["left_stream_queued"] += 1
@@ -342,9 +341,8 @@ async def test_no_slot_token_or_waiter_leaks_after_every_kind_of_ending() -> Non
             # Leaves mid-stream, while running on the engine.
             async with client.stream("POST", PATH, json=completion("mix", 100, stream=True)) as r:
                 assert r.status_code == 200
-                async for line in r.aiter_lines():
-                    if line.startswith("data:"):
-                        break
+                async for _ in aiter_events(r):
+                    break
             await eventually(lambda: mix.in_flight == 0)
             endings["left_running"] += 1
 
@@ -435,5 +433,5 @@ async def test_the_request_timeout_ends_a_request_still_waiting_in_the_queue() -
         assert late.status_code in (503, 504), late.text
         assert ended < request_timeout_s + 0.6, ended
         # ...and a request past its deadline is never handed to the engine.
-        assert late.json()["error"]["code"] in ("queue_timeout", "request_timeout")
+        assert assert_openai_error(late)["code"] in ("queue_timeout", "request_timeout")
         assert set(engine.started) - started_before <= {r.json()["id"] for r in responses}

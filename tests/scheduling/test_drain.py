@@ -6,25 +6,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
 from tests.scheduling.helpers import (
     StreamResult,
     assert_overloaded,
     completion,
     stream_request,
 )
+from tests.support.eventually import eventually, until
+from tests.support.gateway import ServerProcess, gateway_process
 
 PATH = "/v1/completions"
 STARTUP_S = 30.0
@@ -32,25 +30,12 @@ STARTUP_S = 30.0
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def server_log(tmp_path: Path) -> Iterator[IO[bytes]]:
-    with (tmp_path / "server.log").open("w+b") as log:
-        yield log
-
-
-def log_text(log: IO[bytes]) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-4000:]
-
-
 @asynccontextmanager
 async def llmserve(
-    tmp_path: Path, log: IO[bytes], drain_timeout_s: float, max_in_flight: int = 64
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    tmp_path: Path, drain_timeout_s: float, max_in_flight: int = 64
+) -> AsyncIterator[tuple[ServerProcess, str]]:
     """``python -m llmserve serve`` on a free port, up and ready; killed if a test leaves it."""
-    config = tmp_path / "llmserve.yaml"
-    config.write_text(
+    config = (
         "log_level: warning\n"
         # API keys are not what these tests are about (tests/auth covers them).
         "auth:\n"
@@ -65,40 +50,12 @@ async def llmserve(
         "    admission:\n"
         f"      max_in_flight: {max_in_flight}\n"
     )
-    port = free_port()
-    # Only this file configures the server (conftest's LLMSERVE_* overrides are repeated in it).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSERVE_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmserve",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        stdout=log,
-        stderr=log,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process = gateway_process(tmp_path / "llmserve.yaml", config)
+    await process.start(within_s=STARTUP_S)
     try:
-        async with httpx.AsyncClient(base_url=url, timeout=2) as client:
-            deadline = time.monotonic() + STARTUP_S
-            while True:
-                assert process.returncode is None, f"the server exited:\n{log_text(log)}"
-                assert time.monotonic() < deadline, f"the server never got ready:\n{log_text(log)}"
-                try:
-                    if (await client.get("/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-        yield process, url
+        yield process, process.url
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await process.stop(sig=signal.SIGKILL)
 
 
 async def open_streams(
@@ -111,15 +68,28 @@ async def open_streams(
         asyncio.create_task(stream_request(client, PATH, body, on_first_data=first))
         for first in firsts
     ]
-    deadline = time.monotonic() + 10
-    while not all(first.is_set() for first in firsts):
+
+    def started() -> bool:
+        if all(first.is_set() for first in firsts):
+            return True
         for task in tasks:
             if task.done():  # ended before its first token: refused, or broken
                 result = task.result()
                 raise AssertionError(f"a stream ended early: {result.status} {result.body!r}")
-        assert time.monotonic() < deadline, "the streams did not start"
-        await asyncio.sleep(0.02)
+        return False
+
+    await eventually(started, 10.0, "the streams to start", interval=0.02)
     return tasks
+
+
+async def until_draining(client: httpx.AsyncClient) -> httpx.Response:
+    """/ready turns 503 at once on SIGTERM, while the process still answers."""
+
+    async def draining() -> httpx.Response | None:
+        ready = await client.get("/ready")
+        return ready if ready.status_code == 503 else None
+
+    return await until(draining, 1.0, "/ready to say 503", interval=0.05)
 
 
 def exited_by_sigterm_or_cleanly(code: int | None) -> bool:
@@ -127,12 +97,10 @@ def exited_by_sigterm_or_cleanly(code: int | None) -> bool:
     return code in (0, -signal.SIGTERM)
 
 
-async def test_sigterm_drains_running_and_queued_requests_then_exits(
-    tmp_path: Path, server_log: IO[bytes]
-) -> None:
+async def test_sigterm_drains_running_and_queued_requests_then_exits(tmp_path: Path) -> None:
     drain_timeout_s = 10.0
     # Three slots: the three streams run, and one more request waits for a slot.
-    async with llmserve(tmp_path, server_log, drain_timeout_s, max_in_flight=3) as (process, url):
+    async with llmserve(tmp_path, drain_timeout_s, max_in_flight=3) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=15) as client:
             streams = await open_streams(client, 3, 40)
             queued = asyncio.create_task(client.post(PATH, json=completion("sim", 5)))
@@ -143,12 +111,7 @@ async def test_sigterm_drains_running_and_queued_requests_then_exits(
 
             async with httpx.AsyncClient(base_url=url, timeout=5) as probe:
                 # Readiness fails at once, while the process still answers.
-                deadline = time.monotonic() + 1.0
-                ready = await probe.get("/ready")
-                while ready.status_code != 503 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
-                    ready = await probe.get("/ready")
-                assert ready.status_code == 503
+                ready = await until_draining(probe)
                 assert ready.json()["status"] == "draining"
                 # Liveness stays green: a draining process must not be restarted for it.
                 assert (await probe.get("/health")).status_code == 200
@@ -173,28 +136,26 @@ async def test_sigterm_drains_running_and_queued_requests_then_exits(
         assert waited.status_code == 200, waited.text
         assert waited.json()["usage"]["completion_tokens"] == 5
         assert waited_done >= min(r.ended for r in results)  # it did wait for a slot
-        code = await asyncio.wait_for(process.wait(), timeout=drain_timeout_s)
+        code = await process.wait(drain_timeout_s)
         exited = time.monotonic()
         assert exited - signalled < drain_timeout_s
         # It waited for all of them, not for the drain timeout.
         assert exited >= max([*(r.ended for r in results), waited_done]) - 0.05
-        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+        assert exited_by_sigterm_or_cleanly(code), (code, process.log_text(4000))
 
 
-async def test_drain_timeout_cuts_long_streams_and_exits(
-    tmp_path: Path, server_log: IO[bytes]
-) -> None:
-    async with llmserve(tmp_path, server_log, 0.5) as (process, url):
+async def test_drain_timeout_cuts_long_streams_and_exits(tmp_path: Path) -> None:
+    async with llmserve(tmp_path, 0.5) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=15) as client:
             streams = await open_streams(client, 3, 1000)
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             # 0.5 s of drain, ~1 s of grace for the rest to be cancelled, then exit.
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=5)
-            code = await asyncio.wait_for(process.wait(), timeout=5)
+            code = await process.wait(5)
             exited = time.monotonic()
         assert exited - signalled < 3.0
-        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+        assert exited_by_sigterm_or_cleanly(code), (code, process.log_text(4000))
         for result in results:
             assert result.status == 200
             assert result.ended - signalled < 3.0  # ended, did not hang
@@ -204,24 +165,20 @@ async def test_drain_timeout_cuts_long_streams_and_exits(
                 assert any("error" in chunk for chunk in result.chunks), result.frames[-3:]
 
 
-async def test_a_second_sigterm_exits_at_once(tmp_path: Path, server_log: IO[bytes]) -> None:
-    async with llmserve(tmp_path, server_log, 30.0) as (process, url):
+async def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    async with llmserve(tmp_path, 30.0) as (process, url):
         async with httpx.AsyncClient(base_url=url, timeout=15) as client:
             streams = await open_streams(client, 2, 1000)
             process.send_signal(signal.SIGTERM)
-            ready = await client.get("/ready")
-            deadline = time.monotonic() + 1.0
-            while ready.status_code != 503 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-                ready = await client.get("/ready")
+            ready = await until_draining(client)
             assert ready.json()["status"] == "draining"
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            code = await asyncio.wait_for(process.wait(), timeout=5)
+            code = await process.wait(5)
             exited = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*streams), timeout=5)
         assert exited - signalled < 2.0  # not the 30 s drain
-        assert exited_by_sigterm_or_cleanly(code), (code, log_text(server_log))
+        assert exited_by_sigterm_or_cleanly(code), (code, process.log_text(4000))
         for result in results:
             assert result.token_chunks < 1000
             assert result.ended - signalled < 3.0

@@ -11,7 +11,8 @@ import httpx
 
 from llmserve.scheduling.admission import Admission
 from tests.conftest import serve, sim_engine
-from tests.scheduling.helpers import assert_idle, completion, eventually, model, settings
+from tests.scheduling.helpers import assert_idle, completion, model, settings
+from tests.support.eventually import eventually
 
 PATH = "/v1/completions"
 

@@ -7,12 +7,15 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from tests.conftest import RunningServer, serve, sim_engine, simulated_settings
+from tests.support.errors import assert_openai_error
+from tests.support.eventually import eventually
+from tests.support.sse import Event, aiter_events, parse_events
 
 from llmserve.config import Limits, Settings, SimulatedModel
 from llmserve.engines.simulated import SimulatedEngine
@@ -20,40 +23,8 @@ from llmserve.engines.simulated import SimulatedEngine
 CHAT = [{"role": "user", "content": "Tell me a long story."}]
 
 
-def parse_frame(frame: str) -> tuple[str, str]:
-    name, data = "message", []
-    for line in frame.splitlines():
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            name = value
-    return name, "\n".join(data)
-
-
-async def timed_events(response: httpx.Response) -> AsyncIterator[tuple[float, str, str]]:
-    """(arrival time, event name, data) per SSE frame, timed as its last byte arrives."""
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        now = time.monotonic()
-        buffer += chunk
-        while b"\n\n" in buffer:
-            frame, buffer = buffer.split(b"\n\n", 1)
-            yield now, *parse_frame(frame.decode())
-    assert buffer == b"", "the stream ended inside a frame"
-
-
-async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 async def wait_for_active(engine: SimulatedEngine) -> str:
-    await eventually(lambda: len(engine.active) == 1)
+    await eventually(lambda: len(engine.active) == 1, what="one active engine request")
     return next(iter(engine.active))
 
 
@@ -81,7 +52,7 @@ async def assert_aborted(
 ) -> str:
     """The gateway aborted exactly one engine request (``request_id`` if given), and the engine's
     work for it stopped without completing."""
-    await eventually(lambda: bool(spy.calls) and not engine.active)
+    await eventually(lambda: bool(spy.calls) and not engine.active, what="an abort, then idle")
     (aborted,) = spy.calls
     if request_id is not None:
         assert aborted == request_id
@@ -126,13 +97,13 @@ async def test_tokens_arrive_incrementally(
         start = time.monotonic()
         async with client.stream("POST", path, json=stream_body(path, "slow", 6)) as response:
             assert response.status_code == 200
-            async for at, name, data in timed_events(response):
-                if name != "message" or data == "[DONE]":
+            async for event in aiter_events(response, complete=True):
+                if event.event != "message" or event.done:
                     continue
-                if token_text(json.loads(data)):
+                if token_text(event.json()):
                     if not arrivals:
                         active_at_first_token = set(engine.active)
-                    arrivals.append(at - start)
+                    arrivals.append(event.at - start)
     assert len(arrivals) == 6
     # 50 ms to the first token, then one every 100 ms: ~0.05 s, ..., ~0.55 s. Were the response
     # buffered, all six would arrive together at the end.
@@ -172,8 +143,8 @@ async def leave_mid_stream(server: RunningServer, path: str) -> str:
         body = stream_body(path, "slow", 200)
         async with client.stream("POST", path, json=body) as response:
             assert response.status_code == 200
-            async for _, _, data in timed_events(response):
-                if token_text(json.loads(data)):
+            async for event in aiter_events(response):
+                if token_text(event.json()):
                     break
             return await wait_for_active(engine)
 
@@ -246,7 +217,7 @@ async def test_a_completed_request_is_not_aborted(sim_server: RunningServer, str
         response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
     if stream:
-        request_id = json.loads(response.text.split("\n\n")[0].removeprefix("data: "))["id"]
+        request_id = parse_events(response.content)[0].json()["id"]
         assert response.text.endswith("data: [DONE]\n\n")
     else:
         request_id = response.json()["id"]
@@ -275,27 +246,20 @@ def timeout_aborts(timeout_server: RunningServer) -> AbortSpy:
 async def test_stream_timeout_ends_with_in_band_error_then_done(
     timeout_server: RunningServer, timeout_aborts: AbortSpy, path: str
 ) -> None:
-    events: list[tuple[str, str]] = []
+    events: list[Event] = []
     async with httpx.AsyncClient(base_url=timeout_server.url, timeout=10) as client:
         start = time.monotonic()
         async with client.stream("POST", path, json=stream_body(path, "slow", 100)) as response:
             assert response.status_code == 200
-            events = [(name, data) async for _, name, data in timed_events(response)]
+            events = [event async for event in aiter_events(response, complete=True)]
         elapsed = time.monotonic() - start
     assert elapsed < 3.0  # 0.3 s timeout; untimed it would take 10 s
-    assert events[-1] == ("message", "[DONE]")
-    error = json.loads(events[-2][1])
-    assert error == {
-        "error": {
-            "message": error["error"]["message"],
-            "type": "server_error",
-            "param": None,
-            "code": "request_timeout",
-        }
-    }
-    assert "Traceback" not in "".join(d for _, d in events)
+    assert events[-1] == Event("[DONE]")
+    error = assert_openai_error(events[-2].json(), type="server_error", code="request_timeout")
+    assert error["param"] is None
+    assert "Traceback" not in "".join(e.data for e in events)
     # Some tokens made it out before the timeout, and nothing follows the error but [DONE].
-    chunks = [json.loads(d) for _, d in events[:-2]]
+    chunks = [e.json() for e in events[:-2]]
     assert any(token_text(c) for c in chunks)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
     await assert_aborted(sim_engine(timeout_server, "slow"), timeout_aborts, chunks[0]["id"])
@@ -307,10 +271,10 @@ async def test_generate_timeout_ends_with_error_event(
     async with httpx.AsyncClient(base_url=timeout_server.url, timeout=10) as client:
         response = await client.post("/generate", json=stream_body("/generate", "slow", 100))
     assert response.status_code == 200
-    events = [parse_frame(f) for f in response.text.split("\n\n") if f]
-    assert events[-1][0] == "error"
-    assert json.loads(events[-1][1])["error"]["code"] == "request_timeout"
-    assert [name for name, _ in events[:-1]] == ["message"] * (len(events) - 1)
+    events = parse_events(response.content)
+    assert events[-1].event == "error"
+    assert_openai_error(events[-1].json(), code="request_timeout")
+    assert [e.event for e in events[:-1]] == ["message"] * (len(events) - 1)
     assert len(events) > 1
     await assert_aborted(sim_engine(timeout_server, "slow"), timeout_aborts)
 
@@ -326,14 +290,8 @@ async def test_non_streaming_timeout_is_504(
         elapsed = time.monotonic() - start
     assert response.status_code == 504
     assert elapsed < 3.0  # 0.3 s timeout; untimed it would take 10 s
-    assert "Traceback" not in response.text
-    error = response.json()["error"]
-    assert error == {
-        "message": error["message"],
-        "type": "server_error",
-        "param": None,
-        "code": "request_timeout",
-    }
+    error = assert_openai_error(response, 504, type="server_error", code="request_timeout")
+    assert error["param"] is None
     request_id = await assert_aborted(sim_engine(timeout_server, "slow"), timeout_aborts)
     assert request_id.startswith("chatcmpl-")
 
@@ -367,7 +325,5 @@ async def test_timeout_before_the_first_token_is_a_real_504() -> None:
             response = await client.post(
                 "/v1/completions", json=stream_body("/v1/completions", "late", 5)
             )
-        assert response.status_code == 504
-        assert response.headers["content-type"].startswith("application/json")
-        assert response.json()["error"]["code"] == "request_timeout"
+        assert_openai_error(response, 504, code="request_timeout")
         await assert_aborted(engine, spy)

@@ -3,11 +3,12 @@ stop-sequence handling, tested without a server."""
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 import pytest
+from tests.support import sse as reader
+from tests.support.errors import assert_openai_error
+from tests.support.sse import Event
 
 from llmserve.config import SimulatedModel
 from llmserve.engines.events import ChoiceFinished, TextDelta, TokenLogprob, UsageReport
@@ -24,28 +25,7 @@ from llmserve.streaming.openai_format import (
 )
 from llmserve.validation.request import GenerationRequest, RequestKind, SamplingOptions
 
-# --- an SSE parser that follows the spec (line ends: CRLF, LF or CR; blank line dispatches) -------
-
-
-def parse_sse(stream: bytes) -> list[tuple[str, str]]:
-    """(event name, data) per dispatched event, as a browser EventSource would see them."""
-    events: list[tuple[str, str]] = []
-    name, data = "", []
-    for line in re.split(r"\r\n|\r|\n", stream.decode()):
-        if line == "":
-            if data:
-                events.append((name or "message", "\n".join(data)))
-            name, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            name = value
-    return events
+# --- the frames parse back with a spec-following reader (tests/support/sse.py) ----------------
 
 
 NASTY_TOKENS = [
@@ -69,32 +49,32 @@ def test_data_frame_round_trips_any_token(token: str) -> None:
     assert frame.endswith(b"\n\n")
     assert frame.count(b"\n") == 2  # the only line break is the frame's own end
     assert b"\r" not in frame
-    events = parse_sse(frame)
+    events = reader.parse_events(frame)
     assert len(events) == 1
-    assert json.loads(events[0][1]) == {"token": token}
+    assert events[0].json() == {"token": token}
 
 
 def test_many_nasty_frames_in_one_stream_parse_back_in_order() -> None:
     stream = b"".join(sse.data({"token": t}) for t in NASTY_TOKENS) + sse.DONE
-    events = parse_sse(stream)
-    assert [json.loads(d)["token"] for _, d in events[:-1]] == NASTY_TOKENS
-    assert events[-1] == ("message", "[DONE]")
+    events = reader.parse_events(stream)
+    assert [e.json()["token"] for e in events[:-1]] == NASTY_TOKENS
+    assert events[-1] == Event("[DONE]")
 
 
 @pytest.mark.parametrize("token", NASTY_TOKENS)
 def test_named_event_round_trips_any_token(token: str) -> None:
     frame = sse.event("end", {"token": token})
-    events = parse_sse(frame)
+    events = reader.parse_events(frame)
     assert len(events) == 1
-    assert events[0][0] == "end"
-    assert json.loads(events[0][1]) == {"token": token}
+    assert events[0].event == "end"
+    assert events[0].json() == {"token": token}
 
 
 def test_done_and_comment_frames() -> None:
-    assert parse_sse(sse.DONE) == [("message", "[DONE]")]
+    assert reader.parse_events(sse.DONE) == [Event("[DONE]")]
     comment = sse.comment("keep\nalive\r\ndata: x")
     assert comment.startswith(b": ")
-    assert parse_sse(comment + sse.data(1)) == [("message", "1")]
+    assert reader.parse_events(comment + sse.data(1)) == [Event("1")]
 
 
 # --- requests for the formatters -------------------------------------------------------------
@@ -118,8 +98,8 @@ def make_request(
 def payloads(frames: list[bytes]) -> list[Any]:
     out = []
     for frame in frames:
-        ((_, data),) = parse_sse(frame)
-        out.append(data if data == "[DONE]" else json.loads(data))
+        (event,) = reader.parse_events(frame)
+        out.append(event.data if event.done else event.json())
     return out
 
 
@@ -265,10 +245,10 @@ def test_generate_encoder_emits_tokens_then_end_event() -> None:
     frames.extend(encoder.encode(ChoiceFinished(0, "stop")))
     frames.extend(encoder.encode(UsageReport(2, 3)))
     frames.extend(encoder.end())
-    events = parse_sse(b"".join(frames))
-    assert events[:2] == [("message", '{"token":"a\\nb"}'), ("message", '{"token":" c"}')]
-    assert events[2][0] == "end"
-    assert json.loads(events[2][1]) == {
+    events = reader.parse_events(b"".join(frames))
+    assert events[:2] == [Event('{"token":"a\\nb"}'), Event('{"token":" c"}')]
+    assert events[2].event == "end"
+    assert events[2].json() == {
         "finish_reason": "stop",
         "usage": {"prompt_tokens": 2, "completion_tokens": 3},
     }
@@ -276,9 +256,11 @@ def test_generate_encoder_emits_tokens_then_end_event() -> None:
 
 
 def test_generate_encoder_error_is_an_error_event() -> None:
-    events = parse_sse(b"".join(GenerateStreamEncoder().error(ContextLengthExceeded("long"))))
-    assert events[0][0] == "error"
-    assert json.loads(events[0][1])["error"]["code"] == "context_length_exceeded"
+    events = reader.parse_events(
+        b"".join(GenerateStreamEncoder().error(ContextLengthExceeded("long")))
+    )
+    assert events[0].event == "error"
+    assert_openai_error(events[0].json(), code="context_length_exceeded")
 
 
 # --- whole responses ---------------------------------------------------------------------------

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from llmserve.config import Limits
 from llmserve.engines.simulated import WordCodec
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
 from llmserve.validation.request import ChatMessage, GenerationRequest
 from llmserve.validation.validate import validate_chat, validate_completion, validate_generate
+from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 CONTEXT = 64
 CODEC = WordCodec(CONTEXT)

@@ -8,13 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from aiohttp import web
 
 from tests.conftest import serve, simulated_settings
+from tests.support.errors import assert_openai_error
+from tests.support.fake_upstream import HEALTHY, answer
 from tests.unit.test_field_walk import CASES, COMPLETION_SAMPLES, SAMPLES, _openai_fields
-from tests.upstream.test_upstream_engine import FakeUpstream, gateway_before, open_sse
+from tests.upstream.test_upstream_engine import gateway_before
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -54,18 +54,13 @@ def sample(schema: str, field: str) -> Any:
     return SAMPLES.get(field, {"sent": True})
 
 
-async def answer(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-    if request.path == "/v1/embeddings":
-        data = [{"index": 0, "object": "embedding", "embedding": [1.0]}]
-        return web.json_response({"data": data, "usage": {"prompt_tokens": 1, "total_tokens": 1}})
-    response = await open_sse(request)
-    chat = request.path == "/v1/chat/completions"
-    choice = {"index": 0, "finish_reason": "stop"}
-    choice.update({"delta": {"content": "ok"}} if chat else {"text": "ok"})  # type: ignore[dict-item]
-    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-    await response.write(b"data: " + orjson.dumps({"choices": [choice], "usage": usage}) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    return response
+# What the upstream answers: an embedding, or a healthy stream in the path's shape.
+EMBEDDING = answer(
+    {
+        "data": [{"index": 0, "object": "embedding", "embedding": [1.0]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+    }
+)
 
 
 @pytest.mark.parametrize(("schema", "params", "required"), CASES)
@@ -75,12 +70,12 @@ async def test_every_openai_field_reaches_the_upstream_as_sent(
     fields = sorted(_openai_fields(params) - set(required) - NOT_FORWARDED)
     body = {"model": "up", **required, **{f: sample(schema, f) for f in fields}}
     async with (
-        gateway_before(answer) as (b, fake),
+        gateway_before(EMBEDDING if schema == "EmbeddingRequest" else HEALTHY) as (b, fake),
         httpx.AsyncClient(base_url=b.url, timeout=10) as http,
     ):
         r = await http.post(PATHS[schema], json=body)
     assert r.status_code == 200, r.text
-    [sent] = fake.requests
+    [sent] = fake.bodies
     for field in fields:
         assert sent.get(field) == body[field], field
 
@@ -104,8 +99,7 @@ async def test_the_simulated_engine_honours_each_field_or_names_it(
             if r.status_code == 200:
                 honoured.add(field)
                 continue
-            assert r.status_code == 400, (field, r.text)
-            assert r.json()["error"]["param"] == field, (field, r.text)
+            assert_openai_error(r, 400, param=field)
             refused.add(field)
     assert honoured == SIMULATED_HONOURS & _openai_fields(params)
     assert "logit_bias" in refused  # known to the wire schema, still not served: named

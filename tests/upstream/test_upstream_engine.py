@@ -1,15 +1,16 @@
 """The OpenAI-compatible upstream engine, end to end over real loopback sockets.
 
 Gateway B serves model "up" through ``UpstreamEngine``; its upstream is gateway A serving the
-deterministic simulated engine (or, for failure modes, a small hand-written aiohttp server).
+deterministic simulated engine (or, for failure modes, the fake upstream of tests/support).
 Everything runs in one event loop on 127.0.0.1: A, B, the fake upstreams and the clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,19 +20,23 @@ import openai
 import orjson
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from llmserve.config import Settings, UpstreamModel
 from llmserve.engines.simulated import SimulatedEngine
-from tests.conftest import (
-    RunningServer,
-    free_port,
-    serve,
-    sim_engine,
-    simulated_settings,
-    start_openai_server,
+from tests.conftest import sim_engine, simulated_settings
+from tests.support.eventually import eventually
+from tests.support.fake_upstream import (
+    HANG_AFTER_HEADERS,
+    HANG_BEFORE_HEADERS,
+    FakeUpstream,
+    Mode,
+    answer,
+    chat_chunk,
+    sse_frames,
 )
+from tests.support.gateway import RunningServer, free_port, serve
+from tests.support.sse import parse_events
 
 MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 PROMPT = "Once upon a time"
@@ -165,13 +170,8 @@ async def complete(client: AsyncOpenAI, model: str, stream: bool, **kwargs: Any)
 
 
 def sse_payloads(body: bytes) -> list[Any]:
-    """The ``data:`` payloads of an SSE body, JSON-decoded; ``[DONE]`` stays the string."""
-    payloads: list[Any] = []
-    for line in body.split(b"\n"):
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            payloads.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
-    return payloads
+    """The events of an SSE body, JSON-decoded; ``[DONE]`` stays the string."""
+    return ["[DONE]" if e.done else e.json() for e in parse_events(body)]
 
 
 def streamed_chat_text(payloads: list[Any]) -> str:
@@ -183,73 +183,12 @@ def streamed_chat_text(payloads: list[Any]) -> str:
     )
 
 
-async def poll(condition: Callable[[], bool], within_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
-
-
-# ---------------------------------------------------------------------------------------------
-# Fake upstreams: small aiohttp servers that misbehave on purpose
-# ---------------------------------------------------------------------------------------------
-
-
-def chat_chunk(text: str | None = None, finish: str | None = None) -> bytes:
-    delta = {"content": text} if text is not None else {}
-    chunk = {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "fake",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
-@dataclass
-class FakeUpstream:
-    url: str
-    requests: list[dict[str, Any]]
-    release: asyncio.Event  # set at teardown: handlers that hang on it return
-
-
-@asynccontextmanager
-async def fake_upstream(
-    behave: Callable[[web.Request, FakeUpstream], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[FakeUpstream]:
-    port = free_port()
-    fake = FakeUpstream(f"http://127.0.0.1:{port}", [], asyncio.Event())
-
-    async def generate(request: web.Request) -> web.StreamResponse:
-        fake.requests.append(await request.json())
-        return await behave(request, fake)
-
-    async def health(_: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok"})
-
-    runner = await start_openai_server(port, generate, health, shutdown_timeout_s=1.0)
-    try:
-        yield fake
-    finally:
-        fake.release.set()
-        await runner.cleanup()
-
-
-async def open_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    return response
-
-
 @asynccontextmanager
 async def gateway_before(
-    behave: Callable[[web.Request, FakeUpstream], Awaitable[web.StreamResponse]],
-    **options: Any,
+    mode: Mode, **options: Any
 ) -> AsyncIterator[tuple[RunningServer, FakeUpstream]]:
-    async with fake_upstream(behave) as fake, serve(upstream_settings(fake.url, **options)) as b:
+    """Gateway B in front of a fake upstream doing ``mode``."""
+    async with FakeUpstream(mode) as fake, serve(upstream_settings(fake.url, **options)) as b:
         yield b, fake
 
 
@@ -432,7 +371,7 @@ async def test_client_disconnect_stops_the_generation_on_the_upstream_engine(
     completed = len(engine.completed)
     closed_at = await disconnect_mid_stream(b, engine)
 
-    assert await poll(lambda: not engine.active), f"still generating on A: {engine.active}"
+    await eventually(lambda: not engine.active, 3.0, "A to stop generating")
     assert time.monotonic() - closed_at < 3.0
     assert len(engine.completed) == completed  # it ended early, not by running to max_tokens
 
@@ -446,7 +385,7 @@ async def test_client_disconnect_is_recorded_as_an_abort_on_the_upstream_engine(
     await disconnect_mid_stream(b, engine)
 
     # An abort is recorded before the request leaves .active, so waiting for that suffices.
-    assert await poll(lambda: not engine.active), f"still generating on A: {engine.active}"
+    await eventually(lambda: not engine.active, 3.0, "A to stop generating")
     assert len(engine.aborted) == aborted + 1, f"no abort recorded: {engine.aborted}"
     assert len(engine.completed) == completed
 
@@ -514,9 +453,8 @@ async def test_upstream_down_with_the_openai_client() -> None:
 
 
 async def test_upstream_overloaded_503_keeps_retry_after() -> None:
-    async def overloaded(_: web.Request, __: FakeUpstream) -> web.StreamResponse:
-        body = {"error": {"message": "queue full", "type": "server_error"}}
-        return web.json_response(body, status=503, headers={"Retry-After": "7"})
+    body = {"error": {"message": "queue full", "type": "server_error"}}
+    overloaded = answer(body, 503, headers={"Retry-After": "7"})
 
     async with gateway_before(overloaded) as (b, _):
         response = await post_chat(b)
@@ -531,18 +469,13 @@ async def test_upstream_overloaded_503_keeps_retry_after() -> None:
 
 
 async def test_request_sent_upstream_is_the_openai_request_for_the_upstream_model() -> None:
-    async def well_behaved(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(chat_chunk(" hi"))
-        await response.write(chat_chunk(finish="stop"))
-        await response.write(b"data: [DONE]\n\n")
-        return response
+    well_behaved = sse_frames(chat_chunk(" hi"), chat_chunk(finish="stop"), b"data: [DONE]\n\n")
 
     async with gateway_before(well_behaved) as (b, fake):
         response = await post_chat(b, stream=False, seed=5, stop=["x"], temperature=0.5)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == " hi"
-    [sent] = fake.requests
+    [sent] = fake.bodies
     assert sent["model"] == "sim"
     assert sent["messages"] == MESSAGES
     assert sent["stream"] is True
@@ -557,19 +490,11 @@ async def test_request_sent_upstream_is_the_openai_request_for_the_upstream_mode
 
 @pytest.mark.parametrize("ending", ["eof", "reset"])
 async def test_stream_cut_without_done_gives_in_band_error(ending: str) -> None:
-    async def truncated(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        for word in (" one", " two", " three"):
-            await response.write(chat_chunk(word))
-            # Spaced out as a real server's tokens are. Lines still unread in aiohttp's buffer
-            # when the connection breaks are lost: its reader raises the error first.
-            await asyncio.sleep(0.05)
-        if ending == "eof":
-            await response.write_eof()  # a clean end of the HTTP body, but no [DONE]
-        else:
-            assert request.transport is not None
-            request.transport.close()  # the connection drops mid-body
-        return response
+    # Spaced out as a real server's tokens are. Lines still unread in aiohttp's buffer when the
+    # connection breaks are lost: its reader raises the error first. Then a clean end of the
+    # HTTP body without [DONE] ("eof"), or the connection dropping mid-body.
+    words = (chat_chunk(" one"), chat_chunk(" two"), chat_chunk(" three"))
+    truncated = sse_frames(*words, interval_s=0.05, ending="done" if ending == "eof" else "close")
 
     async with gateway_before(truncated) as (b, _):
         response = await post_chat(b)
@@ -589,12 +514,7 @@ async def test_stream_cut_without_done_gives_in_band_error(ending: str) -> None:
 
 
 async def test_stream_cut_without_done_with_the_openai_client() -> None:
-    async def truncated(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(chat_chunk(" one"))
-        await response.write(chat_chunk(" two"))
-        await response.write_eof()
-        return response
+    truncated = sse_frames(chat_chunk(" one"), chat_chunk(" two"))  # the body ends, no [DONE]
 
     async with gateway_before(truncated) as (b, _), openai_client(b) as gateway:
         stream = await gateway.chat.completions.create(
@@ -612,17 +532,11 @@ async def test_garbage_after_tokens_gives_in_band_error(writes: str) -> None:
     """Also when the token and the garbage arrive in one read: the token still goes out
     before the error."""
 
-    async def garbage(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        if writes == "apart":
-            await response.write(chat_chunk(" fine"))
-            await response.write(b"data: {this is not json\n\n")
-        else:
-            await response.write(chat_chunk(" fine") + b"data: {this is not json\n\n")
-        await fake.release.wait()  # never ends on its own: the gateway must stop reading
-        return response
-
-    async with gateway_before(garbage) as (b, _):
+    frames = (chat_chunk(" fine"), b"data: {this is not json\n\n")
+    if writes == "together":
+        frames = (b"".join(frames),)
+    # Never ends on its own: the gateway must stop reading.
+    async with gateway_before(sse_frames(*frames, ending="hang")) as (b, _):
         response = await post_chat(b)
     assert response.status_code == 200
     payloads = sse_payloads(response.content)
@@ -633,26 +547,17 @@ async def test_garbage_after_tokens_gives_in_band_error(writes: str) -> None:
 
 
 async def test_garbage_before_the_first_token_is_a_502() -> None:
-    async def garbage(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(b"data: [1, 2\n\n")
-        await response.write_eof()
-        return response
-
-    async with gateway_before(garbage) as (b, _):
+    async with gateway_before(sse_frames(b"data: [1, 2\n\n")) as (b, _):
         response = await post_chat(b)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_malformed"
 
 
 async def test_upstream_in_band_error_is_relayed_in_band() -> None:
-    async def fails(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(chat_chunk(" partial"))
-        error = {"error": {"message": "CUDA out of memory", "type": "server_error"}}
-        await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
+    error = {"error": {"message": "CUDA out of memory", "type": "server_error"}}
+    fails = sse_frames(
+        chat_chunk(" partial"), b"data: " + orjson.dumps(error) + b"\n\n", b"data: [DONE]\n\n"
+    )
 
     async with gateway_before(fails) as (b, _):
         response = await post_chat(b)
@@ -665,14 +570,8 @@ async def test_upstream_in_band_error_is_relayed_in_band() -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("hang", ["before-headers", "after-headers"])
 async def test_upstream_silent_before_first_token_gives_504(hang: str, stream: bool) -> None:
-    async def silent(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        if hang == "before-headers":
-            await fake.release.wait()
-            return web.Response()
-        response = await open_sse(request)
-        await response.write(b": still here\n\n")  # one comment, then silence
-        await fake.release.wait()
-        return response
+    # After the headers: one comment, then silence.
+    silent = HANG_BEFORE_HEADERS if hang == "before-headers" else HANG_AFTER_HEADERS
 
     async with gateway_before(silent, first_token_timeout_s=0.5) as (b, _):
         started = time.monotonic()
@@ -687,12 +586,8 @@ async def test_upstream_silent_before_first_token_gives_504(hang: str, stream: b
 
 
 async def test_keep_alives_do_not_extend_the_first_token_timeout() -> None:
-    async def stalled(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        while not fake.release.is_set():
-            await response.write(b": keep-alive\n\n")
-            await asyncio.sleep(0.1)
-        return response
+    keep_alives = [b": keep-alive\n\n"] * 100  # 10 s of them, then silence
+    stalled = sse_frames(*keep_alives, interval_s=0.1, ending="hang")
 
     async with gateway_before(stalled, first_token_timeout_s=0.5) as (b, _):
         async with asyncio.timeout(1.5):
@@ -701,12 +596,7 @@ async def test_keep_alives_do_not_extend_the_first_token_timeout() -> None:
 
 
 async def test_upstream_stalled_between_tokens_gives_in_band_timeout() -> None:
-    async def stalls(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        await response.write(chat_chunk(" one"))
-        await response.write(chat_chunk(" two"))
-        await fake.release.wait()
-        return response
+    stalls = sse_frames(chat_chunk(" one"), chat_chunk(" two"), ending="hang")
 
     async with gateway_before(stalls, between_tokens_timeout_s=0.5) as (b, _):
         started = time.monotonic()
@@ -726,26 +616,22 @@ async def test_upstream_stalled_between_tokens_gives_in_band_timeout() -> None:
 # Connections to the upstream are reused
 # ---------------------------------------------------------------------------------------------
 
+HI, STOP_DONE = chat_chunk("hi"), chat_chunk(finish="stop") + b"data: [DONE]\n\n"
+
 
 async def test_finished_streams_give_their_connection_back_to_the_pool() -> None:
     """A new TCP connection per request costs the gateway (and the upstream) more than the
     request itself: a completed stream's connection is reused by the next request."""
-    peers: set[Any] = set()
-
-    async def complete_stream(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
-        response = await open_sse(request)
-        await response.write(chat_chunk("hi"))
-        await response.write(chat_chunk(finish="stop") + b"data: [DONE]\n\n")
-        await asyncio.sleep(0.05)  # the body's end comes a little after [DONE]
-        return response
+    # The body's end comes a little after [DONE].
+    complete_stream = sse_frames(HI, STOP_DONE, interval_s=0.05)
 
     async with gateway_before(complete_stream) as (b, fake):
-        for stream in (True, False, True, True, False):
-            answer = await post_chat(b, stream=stream)
-            assert answer.status_code == 200
-            assert "hi" in answer.text
-        assert len(fake.requests) == 5
+        for streamed in (True, False, True, True, False):
+            reply = await post_chat(b, stream=streamed)
+            assert reply.status_code == 200
+            assert "hi" in reply.text
+        assert fake.received == 5
+    peers = {r.peer for r in fake.requests}
     assert len(peers) == 1, f"{len(peers)} connections for 5 sequential requests"
 
 
@@ -754,30 +640,17 @@ async def test_a_pooled_connection_the_upstream_closed_is_not_an_error() -> None
     5 s); one may close just as the gateway sends a request on it. Here every second request on
     a connection meets that close. The request is sent again on a new connection: the client
     sees a normal answer and the replica is not counted as failed."""
-    used: set[int] = set()
-    served = 0
-
-    async def close_reused(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        nonlocal served
-        transport = request.transport
-        assert transport is not None
-        if id(transport) in used:  # a kept-alive connection: closed under the request
-            transport.close()
-            return web.Response(status=500)  # never sent
-        used.add(id(transport))
-        served += 1
-        response = await open_sse(request)
-        await response.write(chat_chunk("hi"))
-        await response.write(chat_chunk(finish="stop") + b"data: [DONE]\n\n")
-        return response
+    # A kept-alive connection is closed under its next request.
+    close_reused = dataclasses.replace(sse_frames(HI, STOP_DONE), close_reused=True)
 
     async with gateway_before(close_reused) as (b, fake):
-        for stream in (False, True, False):
-            answer = await post_chat(b, stream=stream)
-            assert answer.status_code == 200, answer.text
-            assert "hi" in answer.text
+        for streamed in (False, True, False):
+            reply = await post_chat(b, stream=streamed)
+            assert reply.status_code == 200, reply.text
+            assert "hi" in reply.text
         async with httpx.AsyncClient(base_url=b.url) as client:
             metrics = (await client.get("/metrics")).text
+    served = sum(not r.reused for r in fake.requests)
     assert served == 3
     failures = [
         line

@@ -1,7 +1,7 @@
 """Upstream mode is transparent: the client's body reaches the upstream whole, and every field
 the upstream streams reaches the client, streamed or gathered into one response.
 
-The upstream is a small aiohttp server that answers as `vllm serve` does with a tool-call
+The upstream is the fake of tests/support, answering as `vllm serve` does with a tool-call
 parser and a reasoning parser on (the chunks below are the shapes vLLM 0.32 streams); the real
 `vllm serve` is in tests/engine/test_vllm_serve.py.
 """
@@ -14,18 +14,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import serve, simulated_settings
-from tests.upstream.test_upstream_engine import (
-    FakeUpstream,
-    fake_upstream,
-    gateway_before,
-    open_sse,
-    upstream_settings,
-)
+from tests.support.errors import assert_openai_error
+from tests.support.fake_upstream import FakeUpstream, answer, sse_frames
+from tests.support.sse import parse_events
+from tests.upstream.test_upstream_engine import gateway_before, upstream_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -77,23 +73,18 @@ def delta(**fields: Any) -> dict[str, Any]:
     return {"index": 0, "delta": fields, "logprobs": None, "finish_reason": None}
 
 
-async def tool_calling(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
+def tool_calling_frames() -> tuple[bytes, ...]:
     """A reasoning model that thinks, then calls a tool in three pieces."""
-    response = await open_sse(request)
-    await response.write(chunk(delta(role="assistant", content="")))
-    await response.write(chunk(delta(reasoning_content="The user wants")))
-    await response.write(chunk(delta(reasoning_content=" the weather.")))
     call = {
         "index": 0,
         "id": "call_9",
         "type": "function",
         "function": {"name": "get_weather", "arguments": ""},
     }
-    await response.write(chunk(delta(tool_calls=[call])))
-    for piece in ('{"city": ', '"Bergen"}'):
-        await response.write(
-            chunk(delta(tool_calls=[{"index": 0, "function": {"arguments": piece}}]))
-        )
+    pieces = [
+        chunk(delta(tool_calls=[{"index": 0, "function": {"arguments": piece}}]))
+        for piece in ('{"city": ', '"Bergen"}')
+    ]
     finish = {
         "index": 0,
         "delta": {},
@@ -101,16 +92,25 @@ async def tool_calling(request: web.Request, _: FakeUpstream) -> web.StreamRespo
         "finish_reason": "tool_calls",
         "stop_reason": None,
     }
-    await response.write(chunk(finish))
     usage = {
         "prompt_tokens": 40,
         "completion_tokens": 12,
         "total_tokens": 52,
         "prompt_tokens_details": {"cached_tokens": 32},
     }
-    await response.write(chunk(None, usage))
-    await response.write(b"data: [DONE]\n\n")
-    return response
+    return (
+        chunk(delta(role="assistant", content="")),
+        chunk(delta(reasoning_content="The user wants")),
+        chunk(delta(reasoning_content=" the weather.")),
+        chunk(delta(tool_calls=[call])),
+        *pieces,
+        chunk(finish),
+        chunk(None, usage),
+        b"data: [DONE]\n\n",
+    )
+
+
+tool_calling = sse_frames(*tool_calling_frames())
 
 
 def body(stream: bool, **extra: Any) -> dict[str, Any]:
@@ -136,7 +136,7 @@ async def test_the_clients_body_reaches_the_upstream_whole() -> None:
     ):
         r = await http.post("/v1/chat/completions", json=body(False, **extra))
     assert r.status_code == 200, r.text
-    [sent] = fake.requests
+    [sent] = fake.bodies
     assert sent["model"] == "sim"  # the upstream's own name for the model
     assert sent["messages"] == CONVERSATION  # tool calls, tool results and image parts intact
     assert sent["tools"] == TOOLS
@@ -233,9 +233,7 @@ async def test_an_engine_that_cannot_honour_a_field_refuses_it_by_name(
         httpx.AsyncClient(base_url=running.url, timeout=10) as http,
     ):
         r = await http.post("/v1/chat/completions", json=request)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert (error["param"], error["code"]) == (param, "unknown_field")
+    assert_openai_error(r, 400, param=param, code="unknown_field")
 
 
 @pytest.mark.parametrize(
@@ -258,9 +256,7 @@ async def test_messages_the_engine_cannot_render_are_refused_by_name(
         httpx.AsyncClient(base_url=running.url, timeout=10) as http,
     ):
         r = await http.post("/v1/chat/completions", json={"model": "sim", "messages": messages})
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert (error["param"], error["code"]) == (param, code)
+    assert_openai_error(r, 400, param=param, code=code)
 
 
 # --- /v1/embeddings: forwarded whole, answered whole ------------------------------------------
@@ -279,9 +275,7 @@ EMBEDDINGS_ANSWER = {
 }
 
 
-async def embeddings(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-    assert request.path == "/v1/embeddings"
-    return web.json_response(EMBEDDINGS_ANSWER)
+embeddings = answer(EMBEDDINGS_ANSWER)
 
 
 async def test_an_embeddings_request_reaches_the_upstream_whole_and_its_answer_the_client() -> None:
@@ -302,7 +296,8 @@ async def test_an_embeddings_request_reaches_the_upstream_whole_and_its_answer_t
         r = await http.post("/v1/embeddings", json=sent_body)
         after = prompt_tokens((await http.get("/metrics")).text)
     assert r.status_code == 200, r.text
-    [sent] = fake.requests
+    [sent] = fake.bodies
+    assert fake.requests[0].path == "/v1/embeddings"
     expected = {k: v for k, v in sent_body.items() if k != "priority"}  # the queue's, kept
     assert sent == {**expected, "model": "sim"}  # nothing streamed, nothing else changed
     answer = r.json()
@@ -321,9 +316,8 @@ def prompt_tokens(metrics: str) -> float:
 
 
 async def test_embeddings_errors_of_the_upstream_and_bounds_are_named() -> None:
-    async def refuse(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        error = {"message": "dimensions not supported", "type": "BadRequestError", "param": None}
-        return web.json_response({"error": {**error, "code": 400}}, status=400)
+    error = {"message": "dimensions not supported", "type": "BadRequestError", "param": None}
+    refuse = answer({"error": {**error, "code": 400}}, 400)
 
     async with (
         gateway_before(refuse) as (b, fake),
@@ -333,10 +327,9 @@ async def test_embeddings_errors_of_the_upstream_and_bounds_are_named() -> None:
         missing = await http.post("/v1/embeddings", json={"model": "up"})
         many = await http.post("/v1/embeddings", json={"model": "up", "input": ["x"] * 2049})
         simulated = await http.post("/v1/embeddings", json={"model": "nope", "input": "x"})
-    assert refused.status_code == 400
-    assert "dimensions not supported" in refused.json()["error"]["message"]
-    assert missing.status_code == 400 and missing.json()["error"]["param"] == "input"
-    assert many.status_code == 400 and many.json()["error"]["param"] == "input"
+    assert_openai_error(refused, 400, message_contains="dimensions not supported")
+    assert_openai_error(missing, 400, param="input")
+    assert_openai_error(many, 400, param="input")
     assert simulated.status_code == 404
     assert len(fake.requests) == 1  # only the valid one was sent
 
@@ -347,9 +340,7 @@ async def test_a_simulated_model_refuses_embeddings_by_name() -> None:
         httpx.AsyncClient(base_url=a.url, timeout=10) as http,
     ):
         r = await http.post("/v1/embeddings", json={"model": "sim", "input": "x"})
-    assert r.status_code == 400
-    assert r.json()["error"]["param"] == "model"
-    assert r.json()["error"]["code"] == "unsupported_model"
+    assert_openai_error(r, 400, param="model", code="unsupported_model")
 
 
 # --- /v1/responses: forwarded, its named events relayed --------------------------------------
@@ -377,21 +368,12 @@ RESPONSES_EVENTS = [
 ]
 
 
-async def responses_stream(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-    assert request.path == "/v1/responses"
-    response = await open_sse(request)
-    for event in RESPONSES_EVENTS:
-        frame = f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
-        await response.write(frame)
-    return response
-
-
-def sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in raw.strip().split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((lines["event"], orjson.loads(lines["data"])))
-    return events
+responses_stream = sse_frames(
+    *(
+        f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n"
+        for event in RESPONSES_EVENTS
+    )
+)
 
 
 async def test_a_responses_stream_is_relayed_event_for_event() -> None:
@@ -405,14 +387,15 @@ async def test_a_responses_stream_is_relayed_event_for_event() -> None:
         r = await http.post("/v1/responses", json=body)
         whole = await http.post("/v1/responses", json={**body, "stream": False})
     assert r.status_code == 200, r.text
-    events = sse_events(r.text)
-    assert [name for name, _ in events] == [e["type"] for e in RESPONSES_EVENTS]
-    for (_, got), sent in zip(events, RESPONSES_EVENTS, strict=True):
+    events = parse_events(r.content)
+    assert [e.event for e in events] == [e["type"] for e in RESPONSES_EVENTS]
+    for event, sent in zip(events, RESPONSES_EVENTS, strict=True):
         expected = dict(sent)
         if "response" in sent:  # the client's model name; the upstream's ids stay
             expected["response"] = {**sent["response"], "model": "up"}
-        assert got == expected
-    first, second = fake.requests
+        assert event.json() == expected
+    first, second = fake.bodies
+    assert {r.path for r in fake.requests} == {"/v1/responses"}
     assert "priority" not in first and first["model"] == "sim" and first["stream"] is True
     assert first["text"] == body["text"] and first["max_output_tokens"] == 16
     assert second["stream"] is True  # read as a stream, answered whole
@@ -431,21 +414,19 @@ async def test_responses_bounds_hold_for_an_upstream() -> None:
         too_long = await http.post(
             "/v1/responses", json={"model": "up", "input": "x", "max_output_tokens": 10**6}
         )
-    assert background.status_code == 400 and background.json()["error"]["param"] == "background"
-    assert too_long.status_code == 400
-    assert too_long.json()["error"]["param"] == "max_output_tokens"
+    assert_openai_error(background, 400, param="background")
+    assert_openai_error(too_long, 400, param="max_output_tokens")
     assert fake.requests == []
 
 
 async def test_token_id_prompts_are_forwarded_and_counted_exactly() -> None:
-    async def completion(request: web.Request, _: FakeUpstream) -> web.StreamResponse:
-        response = await open_sse(request)
-        choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
-        usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
-        await response.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
+    choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    completion = sse_frames(
+        b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n",
+        b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n",
+        b"data: [DONE]\n\n",
+    )
 
     async with (
         gateway_before(completion) as (b, fake),
@@ -456,15 +437,15 @@ async def test_token_id_prompts_are_forwarded_and_counted_exactly() -> None:
         )
         empty = await http.post("/v1/completions", json={"model": "up", "prompt": [[1], []]})
     assert one.status_code == 200, one.text
-    assert fake.requests[0]["prompt"] == [1, 2, 3, 4, 5]
+    assert fake.bodies[0]["prompt"] == [1, 2, 3, 4, 5]
     assert one.json()["usage"]["prompt_tokens"] == 5
-    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    assert_openai_error(empty, 400, param="prompt")
     async with (
         serve(simulated_settings()) as a,
         httpx.AsyncClient(base_url=a.url, timeout=10) as http,
     ):
         refused = await http.post("/v1/completions", json={"model": "sim", "prompt": [1, 2]})
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+    assert_openai_error(refused, 400, param="prompt")
 
 
 async def test_tool_schemas_and_images_count_toward_the_keys_quota(tmp_path: Path) -> None:
@@ -473,7 +454,7 @@ async def test_tool_schemas_and_images_count_toward_the_keys_quota(tmp_path: Pat
     sees a request its text alone would not show to be over the limit."""
     keys = tmp_path / "keys.yaml"
     key = add_key(keys, "small", tpm=600)
-    async with fake_upstream(tool_calling) as fake:
+    async with FakeUpstream(tool_calling) as fake:
         models = list(upstream_settings(fake.url).models)
         async with (
             serve(auth_settings(keys, models=models)) as b,

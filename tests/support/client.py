@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import orjson
 
+from tests.support.sse import Comment, Event, aiter_sse
+
 MESSAGES = [{"role": "user", "content": "Tell me about routing."}]
 PROMPT = "Once upon a route"
 
@@ -90,23 +92,20 @@ async def call(
                     seen.text += choice["message"]["content"] if route == "chat" else choice["text"]
                     seen.finish_reasons.append(choice["finish_reason"])
         else:
-            async for line in response.aiter_lines():
-                _read_line(seen, line)
+            async for item in aiter_sse(response):
+                _read_item(seen, item)
     seen.elapsed_s = time.monotonic() - started
     return seen
 
 
-def _read_line(seen: Seen, line: str) -> None:
-    if line.startswith(":"):
+def _read_item(seen: Seen, item: Event | Comment) -> None:
+    if isinstance(item, Comment):
         seen.keepalives += 1
         return
-    if not line.startswith("data:"):
-        return
-    payload = line[5:].strip()
-    if payload == "[DONE]":
+    if item.done:
         seen.done = True
         return
-    data = orjson.loads(payload)
+    data = item.json()
     if seen.error is not None:
         seen.events_after_error += 1
     if "error" in data:
@@ -118,6 +117,6 @@ def _read_line(seen: Seen, line: str) -> None:
         text = (choice.get("delta") or {}).get("content") or choice.get("text")
         if text:
             seen.text += text if isinstance(text, str) else repr(text)
-            seen.arrivals.append(time.monotonic())
+            seen.arrivals.append(item.at)
         if choice.get("finish_reason"):
             seen.finish_reasons.append(choice["finish_reason"])

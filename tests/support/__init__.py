@@ -1,0 +1,1 @@
+"""What the tests share: reading SSE, waiting on a condition, checking OpenAI errors, a client."""
