@@ -25,7 +25,7 @@ import aiohttp
 from benchmarks.loadgen import Job, run_closed_loop, wait_ready
 from benchmarks.servers import stop_all, vllm_server_command
 from llmserve.config import EMBEDDED_MODEL_NAME, Settings
-from llmserve.models.embedded import ensure_embedded_model
+from llmserve.embedded.smollm2 import ensure_embedded_model
 
 RESULTS = Path(__file__).parent / "results"
 MAX_MODEL_LEN = 2048

@@ -47,7 +47,7 @@ import psutil
 from benchmarks import loadgen
 from benchmarks.servers import vllm_server_command
 from llmserve.config import EMBEDDED_MODEL_NAME, Settings
-from llmserve.models.embedded import ensure_embedded_model
+from llmserve.embedded.smollm2 import ensure_embedded_model
 
 RESULTS = Path(__file__).parent / "results"
 MAX_MODEL_LEN = 2048

@@ -410,8 +410,8 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
 
         from llmserve.app import create_app
         from llmserve.config import AuthConfig, Settings, VllmModel
-        from llmserve.engines.registry import ModelRegistry
         from llmserve.engines.vllm_engine import VllmEngine
+        from llmserve.registry import ModelRegistry
         from llmserve.server import uvicorn_config
     except Exception as exc:
         check(
@@ -425,7 +425,7 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
     embed = args.embed_model_dir is not None
     engine_args: dict[str, Any] = {"load_format": "dummy", "max_model_len": 2048}
     if not args.cpu_dry_run:
-        # Two engines share the GPU as in llmserve's default configuration (models/catalog.py).
+        # Two engines share the GPU as in llmserve's default configuration (embedded/catalog.py).
         engine_args["gpu_memory_utilization"] = 0.8 if embed else 0.5
     models = [VllmModel(name="dummy", model=str(args.model_dir), engine_args=engine_args)]
     if embed:

@@ -19,8 +19,8 @@ from fastapi import FastAPI
 import llmserve.server as server
 from llmserve.app import create_app as _create_app
 from llmserve.config import Settings, load_settings
-from llmserve.engines.registry import ModelRegistry
 from llmserve.engines.vllm_engine import VllmEngine
+from llmserve.registry import ModelRegistry
 
 
 def create_app(

@@ -23,10 +23,10 @@ from llmserve.api.server_send import KeepServerSend
 from llmserve.auth.keys import KeyStore
 from llmserve.auth.middleware import AuthMiddleware
 from llmserve.config import Settings
-from llmserve.engines.registry import ModelRegistry
 from llmserve.limits.limiter import RateLimiter
 from llmserve.observability.collectors import QueueCollector
 from llmserve.observability.gpu import GpuCollector
+from llmserve.registry import ModelRegistry
 from llmserve.serving.gateway import Gateway
 
 log = logging.getLogger(__name__)

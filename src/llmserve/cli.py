@@ -48,7 +48,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _prepare_models(settings: Settings) -> int:
     """Every embedded model an in-process model of the configuration names (by default the
     chat model and the embedding model), so the first ``serve`` starts without preparing."""
-    from llmserve.models import catalog
+    from llmserve.embedded import catalog
 
     names = {m.embedded for m in settings.models if isinstance(m, VllmModel) and m.model is None}
     for name in sorted(names) or [EMBEDDED_MODEL_NAME]:

@@ -20,7 +20,7 @@ from pydantic_settings import (
 
 EmbeddedName = Literal["smollm2-135m-instruct", "all-minilm-l6-v2"]
 EMBEDDED_MODEL_NAME: EmbeddedName = "smollm2-135m-instruct"
-# The embedding model served beside it by default (models/catalog.py has both).
+# The embedding model served beside it by default (embedded/catalog.py has both).
 EMBEDDED_EMBEDDING_NAME: EmbeddedName = "all-minilm-l6-v2"
 
 

@@ -16,9 +16,9 @@ from starlette.types import ASGIApp
 
 from llmserve.app import create_app
 from llmserve.config import Limits, Settings
-from llmserve.engines.registry import ModelRegistry
 from llmserve.http_protocol import guarded_protocol
 from llmserve.observability import logs, tracing
+from llmserve.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

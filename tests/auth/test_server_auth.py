@@ -18,7 +18,7 @@ from llmserve.auth.keys import new_key
 from llmserve.auth.middleware import AuthMiddleware
 from llmserve.cli import main as cli_main
 from llmserve.config import AuthConfig, Settings
-from llmserve.engines.registry import ModelRegistry
+from llmserve.registry import ModelRegistry
 from tests.auth.helpers import (
     SIM_MODELS,
     add_key,

@@ -21,7 +21,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from llmserve.config import EMBEDDED_EMBEDDING_NAME, Limits, ManagedModel, Settings, VllmModel
-from llmserve.models.minilm import ensure_minilm
+from llmserve.embedded.minilm import ensure_minilm
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import RunningServer, serve
 from tests.routing.helpers import wait_ready

@@ -19,8 +19,8 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from llmserve.config import Settings, VllmModel
+from llmserve.embedded.smollm2 import ensure_embedded_model
 from llmserve.engines.vllm_engine import VllmEngine
-from llmserve.models.embedded import ensure_embedded_model
 from tests.conftest import RunningServer, serve
 from tests.engine.examples import PERSON_SCHEMA, weather_call
 from tests.engine.hang_up import stream_then_hang_up

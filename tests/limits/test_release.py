@@ -23,7 +23,7 @@ from llmserve.config import AdmissionConfig, Limits, ModelConfig, SimulatedModel
 from llmserve.engines.events import EngineEvent
 from llmserve.engines.simulated import SimulatedEngine
 from llmserve.errors import EngineFailure
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 from tests.auth.helpers import PROMPT_TOKENS, add_key, auth_settings, bearer, completion
 from tests.conftest import RunningServer, free_port, serve, sim_engine
 from tests.limits.helpers import LimiterSpy, RawRequest
@@ -124,7 +124,7 @@ def failing_after_first_token(engine: SimulatedEngine) -> None:
     """The engine's next request fails after its first token; later ones run normally."""
     real = engine.generate
 
-    async def generate(request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         engine.generate = real  # type: ignore[method-assign]
         events = real(request)
         try:

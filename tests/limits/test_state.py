@@ -1,4 +1,4 @@
-"""The pure limit state (``limits/state.py``) and the memory store, on an injected clock; and the
+"""The pure limit state (``limits/buckets.py``) and the memory store, on an injected clock; and the
 x-ratelimit-* header formats."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from llmserve.api.headers import duration, rate_limit_headers
 from llmserve.auth.principal import Principal
-from llmserve.limits.state import Bucket, KeyLimits
+from llmserve.limits.buckets import Bucket, KeyLimits
 from llmserve.limits.store import MemoryStore
 from llmserve.quota import QuotaSnapshot
 

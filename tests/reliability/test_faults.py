@@ -38,7 +38,7 @@ import pytest
 from llmserve.config import AdmissionConfig, Settings, SimulatedModel
 from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineUnavailable
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 from tests.conftest import serve
 from tests.observability.helpers import scrape
 from tests.reliability.fault_helpers import (
@@ -474,7 +474,7 @@ async def test_in_process_engine_dying_mid_stream_fails_only_its_requests() -> N
         engine = server.engine(SIM)
         generate, check_health = engine.generate, engine.check_health
 
-        async def dying(request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+        async def dying(request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
             sent = 0
             async for event in generate(request):
                 yield event

@@ -35,7 +35,7 @@ from llmserve.config import (
     Settings,
     UpstreamModel,
 )
-from llmserve.engines.registry import ModelRegistry
+from llmserve.registry import ModelRegistry
 from tests.auth.helpers import add_key, bearer
 from tests.conftest import RunningServer, serve, simulated_models
 from tests.reliability.helpers import (

@@ -15,7 +15,7 @@ import pytest
 from llmserve.config import Limits, Settings
 from llmserve.engines.events import EngineEvent
 from llmserve.engines.simulated import SimulatedEngine
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 from tests.conftest import serve, sim_engine
 from tests.scheduling.helpers import (
     RawRequest,
@@ -38,7 +38,7 @@ def track_peak(engine: SimulatedEngine) -> list[int]:
     peak = [0]
     real = engine.generate
 
-    async def generate(request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         async for event in real(request):
             peak[0] = max(peak[0], len(engine.active))
             yield event

@@ -26,7 +26,7 @@ import uvicorn
 
 from llmserve.app import create_app
 from llmserve.config import AuthConfig, Settings
-from llmserve.engines.registry import ModelRegistry
+from llmserve.registry import ModelRegistry
 from llmserve.server import uvicorn_config
 from tests.support.eventually import eventually
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from llmserve.engines.events import EngineEvent
 from llmserve.engines.simulated import WordCodec
 from llmserve.errors import LLMServeError
-from llmserve.validation.request import GenerationRequest, SamplingOptions
+from llmserve.validation.request import SamplingOptions, ValidatedRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +32,14 @@ class Delay:
 
 Step = EngineEvent | Delay
 Script = Iterable[Step] | AsyncIterable[Step]
-Handler = Callable[[GenerationRequest], Script]
+Handler = Callable[[ValidatedRequest], Script]
 
 
 def chat_request(
     request_id: str = "chatcmpl-1", *, prompt_tokens: int = 5, max_tokens: int = 16
-) -> GenerationRequest:
+) -> ValidatedRequest:
     """A validated chat request, for layers below validation."""
-    return GenerationRequest(
+    return ValidatedRequest(
         request_id, "m", "chat", "hi", None, prompt_tokens, SamplingOptions(max_tokens)
     )
 
@@ -59,7 +59,7 @@ class ScriptedEngine:
         # How an aborted stream ends: quietly (vLLM, the simulated engine) or with this error
         # (an upstream, whose interrupted response reads as a broken stream).
         self.aborted_error = aborted_error
-        self.calls: list[GenerationRequest] = []
+        self.calls: list[ValidatedRequest] = []
         self.aborts: list[str] = []  # request ids, in the order abort was called
         self.closed_early: list[str] = []  # streams closed or cancelled before their end
         self.completed: list[str] = []  # streams that played their whole script
@@ -79,7 +79,7 @@ class ScriptedEngine:
     async def start(self) -> None:
         self.closed = False
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         self.calls.append(request)  # at the call, not at the first read
         return self._play(request)
 
@@ -96,7 +96,7 @@ class ScriptedEngine:
     async def close(self) -> None:
         self.closed = True
 
-    async def _play(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _play(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         rid = request.request_id
         stop = self._stops[rid] = asyncio.Event()
         steps: AsyncIterator[Step] | None = None

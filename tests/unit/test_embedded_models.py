@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from llmserve.config import EMBEDDED_EMBEDDING_NAME, EMBEDDED_MODEL_NAME, Settings, VllmModel
+from llmserve.embedded import minilm
+from llmserve.embedded.smollm2 import EmbeddedModelMissing
 from llmserve.engines.vllm_engine import VllmEngine
-from llmserve.models import minilm
-from llmserve.models.embedded import EmbeddedModelMissing
 
 
 def test_no_configuration_serves_the_chat_model_and_the_embedding_model() -> None:

@@ -33,8 +33,8 @@ from llmserve.errors import (
     LLMServeError,
 )
 from llmserve.routing.replicated import ReplicatedEngine
-from llmserve.serving.run import run_on_engine
-from llmserve.validation.request import GenerationRequest
+from llmserve.serving.engine_request import run_on_engine
+from llmserve.validation.request import ValidatedRequest
 
 HEALTH = HealthConfig(interval_s=60, probe_interval_s=3, timeout_s=1)
 REQUEST = chat_request()
@@ -55,7 +55,7 @@ def attempts(*scripts: Handler) -> Handler:
     """The n-th attempt of a request, on whichever replica, plays the n-th script."""
     made = 0
 
-    def handler(request: GenerationRequest) -> Script:
+    def handler(request: ValidatedRequest) -> Script:
         nonlocal made
         made += 1
         return scripts[made - 1](request)
@@ -64,7 +64,7 @@ def attempts(*scripts: Handler) -> Handler:
 
 
 def raising(error: LLMServeError) -> Handler:
-    def handler(_: GenerationRequest) -> list[Step]:
+    def handler(_: ValidatedRequest) -> list[Step]:
         raise error
 
     return handler
@@ -126,7 +126,7 @@ async def test_request_the_engine_refused_is_not_retried() -> None:
 async def test_failure_after_the_first_event_reaches_the_caller_without_retry() -> None:
     broken = EngineFailure("stream broke", code="upstream_broken_stream")
 
-    def breaks_after_a(_: GenerationRequest) -> Iterator[Step]:
+    def breaks_after_a(_: ValidatedRequest) -> Iterator[Step]:
         yield A
         raise broken
 

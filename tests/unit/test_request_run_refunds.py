@@ -23,7 +23,7 @@ from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.scheduling.queue_state import QueueLimits
 from llmserve.serving.record import RequestRecord
 from llmserve.serving.request_run import RequestRun
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 TPM = 1000
 PROMPT, MAX_TOKENS = 40, 200
@@ -103,7 +103,7 @@ async def test_engine_usage_report_is_what_the_key_pays(gate: Gate) -> None:
 async def test_engine_error_before_the_first_event_charges_only_the_prompt(gate: Gate) -> None:
     down = EngineUnavailable("engine down")
 
-    def refuse(_: GenerationRequest) -> list[Step]:
+    def refuse(_: ValidatedRequest) -> list[Step]:
         raise down
 
     run, _ = await gate.start(refuse)
@@ -117,7 +117,7 @@ async def test_engine_error_before_the_first_event_charges_only_the_prompt(gate:
 async def test_engine_error_after_events_charges_what_was_generated(gate: Gate) -> None:
     broken = EngineFailure("stream broke", code="upstream_broken_stream")
 
-    def breaks(_: GenerationRequest) -> Iterator[Step]:
+    def breaks(_: ValidatedRequest) -> Iterator[Step]:
         yield word("a")
         yield word("b")
         raise broken
@@ -135,7 +135,7 @@ async def test_cancelled_run_aborts_the_engine_and_charges_what_was_generated(
 ) -> None:
     stalled = asyncio.Event()
 
-    async def script(_: GenerationRequest) -> AsyncIterator[Step]:
+    async def script(_: ValidatedRequest) -> AsyncIterator[Step]:
         yield word("a")
         yield word("b")
         stalled.set()  # both words were read; the consumer waits for the next

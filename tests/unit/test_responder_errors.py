@@ -19,7 +19,6 @@ from tests.support.sse import Comment, Event, parse, parse_events
 from llmserve.app import create_app
 from llmserve.config import AuthConfig, Limits, Settings, SimulatedModel
 from llmserve.engines.events import TextDelta
-from llmserve.engines.registry import ModelRegistry
 from llmserve.errors import (
     EngineFailure,
     EngineTimeout,
@@ -27,7 +26,8 @@ from llmserve.errors import (
     InvalidRequest,
     LLMServeError,
 )
-from llmserve.validation.request import GenerationRequest
+from llmserve.registry import ModelRegistry
+from llmserve.validation.request import ValidatedRequest
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -53,14 +53,14 @@ async def post(app: FastAPI, path: str, stream: bool) -> httpx.Response:
 
 
 def raising(error: BaseException) -> Handler:
-    def handler(_: GenerationRequest) -> list[Step]:
+    def handler(_: ValidatedRequest) -> list[Step]:
         raise error
 
     return handler
 
 
 def after_hello(error: BaseException) -> Handler:
-    def handler(_: GenerationRequest) -> Iterator[Step]:
+    def handler(_: ValidatedRequest) -> Iterator[Step]:
         yield TextDelta(0, "Hel", 1)
         yield TextDelta(0, "lo", 1)
         raise error
@@ -127,7 +127,7 @@ async def test_error_after_the_first_byte_is_in_band_then_done(path: str) -> Non
 
 async def test_error_after_only_a_keepalive_is_in_band_too() -> None:
     # The stream opened (200, keep-alive comments) while the first event was slow to come.
-    def late_failure(_: GenerationRequest) -> Iterator[Step]:
+    def late_failure(_: ValidatedRequest) -> Iterator[Step]:
         yield Delay(0.1)
         raise EngineTimeout("the upstream engine sent no token in time", code="first_token_timeout")
 

@@ -18,8 +18,8 @@ from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, Usag
 from llmserve.errors import EngineFailure, EngineTimeout
 from llmserve.scheduling.admission import Admission, Ticket
 from llmserve.scheduling.queue_state import QueueLimits
-from llmserve.serving.run import run_on_engine
-from llmserve.validation.request import GenerationRequest
+from llmserve.serving.engine_request import run_on_engine
+from llmserve.validation.request import ValidatedRequest
 
 DEADLINE_S = 0.05
 REQUEST = chat_request()
@@ -111,7 +111,7 @@ async def test_consumer_cancelled_while_the_engine_stalls_aborts_it(
 ) -> None:
     waiting = asyncio.Event()
 
-    async def script(_: GenerationRequest) -> AsyncIterator[Step]:
+    async def script(_: ValidatedRequest) -> AsyncIterator[Step]:
         yield A
         waiting.set()  # the consumer asked for the next event
         yield STALL
@@ -152,11 +152,11 @@ async def test_completed_request_is_not_aborted(admission: Admission) -> None:
 FAILURE = EngineFailure("the engine failed", code="upstream_broken_stream")
 
 
-def fails_at_once(_: GenerationRequest) -> list[Step]:
+def fails_at_once(_: ValidatedRequest) -> list[Step]:
     raise FAILURE
 
 
-def fails_after_a(_: GenerationRequest) -> Iterator[Step]:
+def fails_after_a(_: ValidatedRequest) -> Iterator[Step]:
     yield A
     raise FAILURE
 

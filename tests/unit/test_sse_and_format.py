@@ -14,7 +14,7 @@ from llmserve.config import SimulatedModel
 from llmserve.engines.events import ChoiceFinished, TextDelta, TokenLogprob, UsageReport
 from llmserve.engines.simulated import _WORDS, SimulatedEngine, StopScanner
 from llmserve.errors import ContextLengthExceeded, EngineTimeout
-from llmserve.serving.run import ChoiceResult, Collected, collect
+from llmserve.serving.engine_request import ChoiceResult, Collected, collect
 from llmserve.streaming import sse
 from llmserve.streaming.encoders import GenerateStreamEncoder, OpenAIStreamEncoder
 from llmserve.streaming.openai_format import (
@@ -23,7 +23,7 @@ from llmserve.streaming.openai_format import (
     completion_logprobs,
     full_response,
 )
-from llmserve.validation.request import GenerationRequest, RequestKind, SamplingOptions
+from llmserve.validation.request import RequestKind, SamplingOptions, ValidatedRequest
 
 # --- the frames parse back with a spec-following reader (tests/support/sse.py) ----------------
 
@@ -82,9 +82,9 @@ def test_done_and_comment_frames() -> None:
 
 def make_request(
     kind: RequestKind = "chat", *, n: int = 1, logprobs: int | None = None, max_tokens: int = 8
-) -> GenerationRequest:
+) -> ValidatedRequest:
     prefix = {"chat": "chatcmpl", "completion": "cmpl", "generate": "gen"}[kind]
-    return GenerationRequest(
+    return ValidatedRequest(
         request_id=f"{prefix}-test",
         model="sim",
         kind=kind,
@@ -383,8 +383,8 @@ def sim_engine(**config: Any) -> SimulatedEngine:
 
 def engine_request(
     *, stop: tuple[str, ...] = (), n: int = 1, max_tokens: int = 8, seed: int | None = None
-) -> GenerationRequest:
-    return GenerationRequest(
+) -> ValidatedRequest:
+    return ValidatedRequest(
         request_id="cmpl-sim",
         model="sim",
         kind="completion",
@@ -395,7 +395,7 @@ def engine_request(
     )
 
 
-async def run_engine(request: GenerationRequest) -> tuple[SimulatedEngine, Collected]:
+async def run_engine(request: ValidatedRequest) -> tuple[SimulatedEngine, Collected]:
     engine = sim_engine()
     return engine, await collect(engine.generate(request), request)
 

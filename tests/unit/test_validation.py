@@ -1,4 +1,4 @@
-"""The validation stage on its own: wire request + WordCodec + Limits → GenerationRequest."""
+"""The validation stage on its own: wire request + WordCodec + Limits → ValidatedRequest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from llmserve.config import Limits
 from llmserve.engines.simulated import WordCodec
 from llmserve.errors import ContextLengthExceeded, InvalidRequest
-from llmserve.validation.request import ChatMessage, GenerationRequest
+from llmserve.validation.request import ChatMessage, ValidatedRequest
 from llmserve.validation.validate import validate_chat, validate_completion, validate_generate
 from llmserve.wire.schema import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
@@ -41,15 +41,15 @@ def completion_wire(**fields: Any) -> CompletionRequest:
     return CompletionRequest.model_validate({"model": "sim", **fields})
 
 
-async def chat(limits: Limits = LIMITS, **fields: Any) -> GenerationRequest:
+async def chat(limits: Limits = LIMITS, **fields: Any) -> ValidatedRequest:
     return await validate_chat(chat_wire(**fields), CODEC, limits)
 
 
-async def completion(limits: Limits = LIMITS, **fields: Any) -> GenerationRequest:
+async def completion(limits: Limits = LIMITS, **fields: Any) -> ValidatedRequest:
     return await validate_completion(completion_wire(**fields), CODEC, limits)
 
 
-async def generate(**fields: Any) -> GenerationRequest:
+async def generate(**fields: Any) -> ValidatedRequest:
     wire = GenerateRequest.model_validate(fields)
     return await validate_generate(wire, "sim", CODEC, LIMITS)
 

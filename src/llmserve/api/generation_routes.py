@@ -35,7 +35,7 @@ from llmserve.streaming.encoders import (
     StreamEncoder,
 )
 from llmserve.validation.codec import PromptCodec
-from llmserve.validation.request import GenerationRequest, RequestKind
+from llmserve.validation.request import RequestKind, ValidatedRequest
 from llmserve.validation.validate import (
     validate_chat,
     validate_completion,
@@ -52,7 +52,7 @@ from llmserve.wire.schema import (
 )
 
 # What a route makes of its body: the validated request, and how to stream it (None: whole).
-Prepared = tuple[GenerationRequest, StreamEncoder | None]
+Prepared = tuple[ValidatedRequest, StreamEncoder | None]
 Prepare = Callable[[Request, Gateway, bytes], Awaitable[Prepared]]
 OpenAIBody = TypeVar("OpenAIBody", ChatCompletionRequest, CompletionRequest)
 
@@ -98,7 +98,7 @@ async def _served_by_layer(
 
 def _openai(
     schema: type[OpenAIBody],
-    validate: Callable[[OpenAIBody, PromptCodec, Limits, bool], Awaitable[GenerationRequest]],
+    validate: Callable[[OpenAIBody, PromptCodec, Limits, bool], Awaitable[ValidatedRequest]],
 ) -> Prepare:
     """Chat or completions: the same steps, each with its own schema and validation."""
 
@@ -118,7 +118,7 @@ def _openai(
     return prepare
 
 
-def _openai_encoder(generation: GenerationRequest, body: OpenAIBody) -> StreamEncoder | None:
+def _openai_encoder(generation: ValidatedRequest, body: OpenAIBody) -> StreamEncoder | None:
     if not body.stream:
         return None
     options = body.stream_options

@@ -22,12 +22,12 @@ from llmserve.api.keepalive import KeepAlive, Opened
 from llmserve.api.server_send import server_send
 from llmserve.engines.events import EngineEvent, RawFrame, TextDelta
 from llmserve.errors import ClientDisconnected, LLMServeError
+from llmserve.serving.engine_request import collect
 from llmserve.serving.request_run import RequestRun
-from llmserve.serving.run import collect
 from llmserve.streaming.disconnect import DisconnectWatch
 from llmserve.streaming.encoders import StreamEncoder
 from llmserve.streaming.openai_format import full_response
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 from llmserve.wire.errors import json_response
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def respond(
     request: Request,
     send: Send,
     run: RequestRun,
-    generation: GenerationRequest,
+    generation: ValidatedRequest,
     encoder: StreamEncoder | None,
     keepalive_s: float,
 ) -> None:

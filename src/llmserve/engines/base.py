@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from llmserve.engines.events import EngineEvent
 from llmserve.validation.codec import PromptCodec
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 
 @runtime_checkable
@@ -20,7 +20,7 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load or connect; returns once the engine can take requests."""
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         """Stream events for one request. Closing the iterator early must abort the work."""
 
     async def abort(self, request_id: str) -> None:

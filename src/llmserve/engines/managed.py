@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.config import ManagedModel
+from llmserve.embedded.smollm2 import ensure_embedded_model
 from llmserve.engines.events import EngineEvent
 from llmserve.engines.upstream.client import UpstreamEngine
 from llmserve.engines.upstream.codec import EstimatingCodec
-from llmserve.models.embedded import ensure_embedded_model
 from llmserve.observability import metrics as prom
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ManagedServer:
         command = await asyncio.to_thread(self._command)
         self._supervisor = asyncio.create_task(self._supervise(command))
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         return self._upstream.generate(request)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> bytes:

@@ -20,7 +20,7 @@ from llmserve.engines.events import (
     TokenLogprob,
     UsageReport,
 )
-from llmserve.validation.request import ChatMessage, GenerationRequest
+from llmserve.validation.request import ChatMessage, ValidatedRequest
 
 _WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
@@ -69,7 +69,7 @@ class SimulatedEngine:
     async def start(self) -> None:
         self._healthy = True
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         self.active.add(request.request_id)
         self.started.add(request.request_id)
         try:
@@ -81,7 +81,7 @@ class SimulatedEngine:
             self.active.discard(request.request_id)
             self._stopping.discard(request.request_id)
 
-    async def _run(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _run(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         sampling = request.sampling
         scanners = [StopScanner(sampling.stop) for _ in range(sampling.n)]
         finished = [False] * sampling.n

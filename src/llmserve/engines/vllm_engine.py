@@ -15,6 +15,7 @@ from typing import Any
 from starlette.datastructures import State
 
 from llmserve.config import VllmModel
+from llmserve.embedded import catalog
 from llmserve.engines.events import (
     ChoiceFinished,
     EngineEvent,
@@ -25,9 +26,8 @@ from llmserve.engines.events import (
 )
 from llmserve.engines.gated_client import GatedEngineClient
 from llmserve.errors import EngineFailure, EngineUnavailable, InvalidRequest
-from llmserve.models import catalog
 from llmserve.observability import metrics as prom
-from llmserve.validation.request import ChatMessage, GenerationRequest, SamplingOptions
+from llmserve.validation.request import ChatMessage, SamplingOptions, ValidatedRequest
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class VllmEngine:
         args.update(self._config.engine_args)
         return args
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._llm is None:

@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from llmserve.auth.principal import Principal
-from llmserve.limits.state import Decision
+from llmserve.limits.buckets import Decision
 from llmserve.quota import QuotaSnapshot
 
 _LEVEL = """

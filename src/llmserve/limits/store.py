@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from llmserve.auth.principal import Principal
-from llmserve.limits.state import Decision, KeyLimits
+from llmserve.limits.buckets import Decision, KeyLimits
 
 
 class LimitStore(Protocol):

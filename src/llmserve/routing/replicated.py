@@ -24,7 +24,7 @@ from llmserve.errors import EngineFailure, EngineTimeout, EngineUnavailable, LLM
 from llmserve.observability import metrics as prom
 from llmserve.routing.balancer import Balancer
 from llmserve.validation.codec import PromptCodec
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class ReplicatedEngine:
             self._aborted.add(request_id)
             await self._replicas[index].abort(request_id)
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         affinity = self._affinity(request)
         tried: list[int] = []
         # The next replica to try: picked once per attempt, and a failover uses the pick that
@@ -197,7 +197,7 @@ class ReplicatedEngine:
                 if len(tried) > 1:
                     raise
 
-    def _affinity(self, request: GenerationRequest) -> str | None:
+    def _affinity(self, request: ValidatedRequest) -> str | None:
         policy = self._routing.policy
         if policy == "session":
             return request.session

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from llmserve.config import Settings
-from llmserve.engines.registry import ModelRegistry
 from llmserve.limits.limiter import RateLimiter
+from llmserve.registry import ModelRegistry
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from llmserve.scheduling.admission import Permit
 from llmserve.serving.gateway import Gateway
 from llmserve.serving.record import RequestRecord
 from llmserve.serving.ticket import ticket_for
-from llmserve.validation.request import GenerationRequest, RequestKind, SamplingOptions
+from llmserve.validation.request import RequestKind, SamplingOptions, ValidatedRequest
 
 
 class LayerGate:
@@ -110,7 +110,7 @@ class LayerGate:
         self._permit = await self._gw.models.admission(self._model).acquire(ticket)
         self.record.admitted(self._permit.waited_s)
 
-    def _generation(self) -> GenerationRequest:
+    def _generation(self) -> ValidatedRequest:
         """What admission, limits and metrics know of the request: the sum of its prompts."""
         params = self._subs[0][1] if self._subs else None
         n = int(getattr(params, "n", 1) or 1)
@@ -125,7 +125,7 @@ class LayerGate:
             seed=getattr(params, "seed", None),
             n=n,
         )
-        return GenerationRequest(
+        return ValidatedRequest(
             request_id=self._request_id,
             model=self._model,
             kind=self._kind,

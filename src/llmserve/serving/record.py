@@ -16,7 +16,7 @@ from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, Usag
 from llmserve.observability import metrics as prom
 from llmserve.observability import tracing
 from llmserve.observability.reasons import reason_for
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 # Generated tokens reach the counter this many at a time while a request streams (at 50 tokens/s,
 # about three times a second), and the rest when it ends.
@@ -33,7 +33,7 @@ _OPERATION = {
 
 @dataclass(slots=True)
 class RequestRecord:
-    generation: GenerationRequest
+    generation: ValidatedRequest
     key: str
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

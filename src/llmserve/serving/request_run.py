@@ -16,11 +16,11 @@ from llmserve.config import RemoteModel
 from llmserve.engines.base import Engine
 from llmserve.limits.limiter import RateLimiter, Reservation
 from llmserve.scheduling.admission import Admission, Ticket
+from llmserve.serving.engine_request import run_on_engine
 from llmserve.serving.gateway import Gateway
 from llmserve.serving.record import RequestRecord
-from llmserve.serving.run import run_on_engine
 from llmserve.serving.ticket import ticket_for
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ class Caller:
     headers: Mapping[str, str]
 
 
-async def start_run(gw: Gateway, generation: GenerationRequest, caller: Caller) -> RequestRun:
+async def start_run(gw: Gateway, generation: ValidatedRequest, caller: Caller) -> RequestRun:
     """Reserve the key's quota (429 when over it), then set up queue and engine."""
     config = gw.models.config(generation.model)
     timeout_s = gw.settings.limits.request_timeout_s
@@ -61,7 +61,7 @@ class RequestRun:
     def __init__(
         self,
         engine: Engine,
-        generation: GenerationRequest,
+        generation: ValidatedRequest,
         timeout_s: float,
         admission: Admission,
         ticket: Ticket,

@@ -9,14 +9,14 @@ from llmserve.auth.principal import Principal
 from llmserve.config import ModelConfig
 from llmserve.errors import InvalidRequest
 from llmserve.scheduling.admission import Ticket
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 QUEUE_TIMEOUT_HEADER = "x-queue-timeout"
 
 
 def ticket_for(
     headers: Mapping[str, str],
-    generation: GenerationRequest,
+    generation: ValidatedRequest,
     principal: Principal,
     model: ModelConfig,
     request_timeout_s: float,

@@ -8,7 +8,7 @@ from llmserve.engines.events import ChoiceFinished, EngineEvent, RawFrame, TextD
 from llmserve.errors import LLMServeError
 from llmserve.streaming import sse
 from llmserve.streaming.openai_format import ChunkFormatter
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 from llmserve.wire.errors import body_for
 
 # A tuple, not ``TextDelta | ChoiceFinished``: that union would be built on every token.
@@ -28,7 +28,7 @@ class StreamEncoder(Protocol):
 class OpenAIStreamEncoder:
     """Chat or completion chunks, ``data: [DONE]`` at the end, errors in-band as OpenAI does."""
 
-    def __init__(self, request: GenerationRequest, include_usage: bool) -> None:
+    def __init__(self, request: ValidatedRequest, include_usage: bool) -> None:
         self._formatter = ChunkFormatter(request, include_usage)
         self._include_usage = include_usage
         self._chat = request.kind == "chat"
@@ -69,7 +69,7 @@ class ResponsesStreamEncoder:
     ``previous_response_id`` still finds them there), under the model name the client used;
     errors after the start as ``event: error``, as vLLM's own stream ends."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: ValidatedRequest) -> None:
         self._model = request.model
 
     def encode(self, event: EngineEvent) -> list[bytes]:

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 
 from llmserve.engines.events import Passthrough, TokenLogprob, finished_tool_calls
-from llmserve.serving.run import Collected
-from llmserve.validation.request import GenerationRequest
+from llmserve.serving.engine_request import Collected
+from llmserve.validation.request import ValidatedRequest
 
 _MARK = "\u0000llmserve-text\u0000"
 
@@ -26,7 +26,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class ChunkFormatter:
     """Builds the ``data:`` payloads of one streaming response."""
 
-    def __init__(self, request: GenerationRequest, include_usage: bool) -> None:
+    def __init__(self, request: ValidatedRequest, include_usage: bool) -> None:
         self._chat = request.kind == "chat"
         self._include_usage = include_usage
         # Completions logprobs carry each token's offset in the whole text, across chunks.
@@ -115,7 +115,7 @@ def _with(choice: dict[str, Any], fields: Passthrough | None) -> dict[str, Any]:
     return choice
 
 
-def full_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
+def full_response(request: ValidatedRequest, result: Collected) -> dict[str, Any]:
     if request.kind == "embeddings":
         return embeddings_response(request, result)
     if request.kind == "responses":  # the upstream's final response object, whole
@@ -158,7 +158,7 @@ def full_response(request: GenerationRequest, result: Collected) -> dict[str, An
     }
 
 
-def embeddings_response(request: GenerationRequest, result: Collected) -> dict[str, Any]:
+def embeddings_response(request: ValidatedRequest, result: Collected) -> dict[str, Any]:
     """An upstream's embeddings answer, relayed whole under llmserve's id and model name."""
     counts: dict[str, Any] = {
         "prompt_tokens": result.prompt_tokens,

@@ -1,1 +1,1 @@
-"""Validation: the OpenAI wire schema in, a frozen ``GenerationRequest`` out."""
+"""Validation: the OpenAI wire schema in, a frozen ``ValidatedRequest`` out."""

@@ -34,7 +34,7 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationRequest:
+class ValidatedRequest:
     """A request that passed validation: prompt rendered and counted, every option bounded."""
 
     request_id: str

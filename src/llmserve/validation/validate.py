@@ -1,4 +1,4 @@
-"""The validation stage: wire request + engine codec + limits → ``GenerationRequest``.
+"""The validation stage: wire request + engine codec + limits → ``ValidatedRequest``.
 
 Static bounds (types, ranges) are checked by the wire schema; this stage checks the configurable
 limits, renders and counts the prompt, and fits max_tokens into the model's context.
@@ -20,9 +20,9 @@ from llmserve.errors import ContextLengthExceeded, InvalidRequest
 from llmserve.validation.codec import PromptCodec
 from llmserve.validation.request import (
     ChatMessage,
-    GenerationRequest,
     RequestKind,
     SamplingOptions,
+    ValidatedRequest,
 )
 from llmserve.wire.schema import (
     ChatCompletionRequest,
@@ -64,7 +64,7 @@ def check_message_count(count: int, limits: Limits) -> None:
 
 async def validate_chat(
     wire: ChatCompletionRequest, codec: PromptCodec, limits: Limits, forwards: bool = False
-) -> GenerationRequest:
+) -> ValidatedRequest:
     """``forwards``: the engine takes the client's body whole and gives every field its own
     meaning (an upstream OpenAI server); otherwise only what llmserve models is served, and
     anything else is refused with a 400 naming it."""
@@ -117,7 +117,7 @@ async def _unrendered_tokens(wire: ChatCompletionRequest, codec: PromptCodec) ->
 
 async def validate_completion(
     wire: CompletionRequest, codec: PromptCodec, limits: Limits, forwards: bool = False
-) -> GenerationRequest:
+) -> ValidatedRequest:
     if not forwards:
         _refuse_unmodelled(wire)
         if wire.echo:
@@ -168,7 +168,7 @@ async def validate_completion(
 
 async def validate_embeddings(
     wire: EmbeddingsRequest, codec: PromptCodec, limits: Limits
-) -> GenerationRequest:
+) -> ValidatedRequest:
     """An embeddings request for an engine that forwards it (upstream, managed): bounded in
     its number of inputs and counted, so its quota reservation is its input tokens (the
     upstream's own count replaces the estimate when it answers). Nothing is generated."""
@@ -212,7 +212,7 @@ def embedding_inputs(wire: Any, limits: Limits) -> list[Any]:
 
 async def validate_responses(
     wire: ResponsesRequest, codec: PromptCodec, limits: Limits
-) -> GenerationRequest:
+) -> ValidatedRequest:
     """A Responses API request for an engine that forwards it, bounded as in process."""
     check_responses_limits(wire, limits)
     # Counted from the JSON of the input: an estimate, as for every upstream prompt.
@@ -252,9 +252,9 @@ def _forwarded(
     kind: RequestKind,
     tokens: int,
     sampling: SamplingOptions,
-) -> GenerationRequest:
+) -> ValidatedRequest:
     """A request whose body an upstream takes whole; ``tokens`` is llmserve's estimate."""
-    return GenerationRequest(
+    return ValidatedRequest(
         request_id=new_request_id(kind),
         model=wire.model,
         kind=kind,
@@ -270,7 +270,7 @@ def _forwarded(
 
 async def validate_generate(
     wire: GenerateRequest, model: str, codec: PromptCodec, limits: Limits
-) -> GenerationRequest:
+) -> ValidatedRequest:
     sampling = SamplingFields(
         model=model,
         max_tokens=wire.max_tokens,
@@ -293,7 +293,7 @@ async def _build(
     logprobs_param: str,
     messages: tuple[ChatMessage, ...] | None = None,
     forwards: bool = False,
-) -> GenerationRequest:
+) -> ValidatedRequest:
     if not forwards:
         _check_unsupported(wire)
     stop = _stop_sequences(wire.stop, limits)
@@ -326,7 +326,7 @@ async def _build(
         ignore_eos=wire.ignore_eos,
         requested_max_tokens=max_tokens,
     )
-    return GenerationRequest(
+    return ValidatedRequest(
         request_id=new_request_id(kind),
         model=wire.model,
         kind=kind,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 # Fields of the client's body that are llmserve's, not the upstream's: the queue honours the
 # priority (vLLM refuses one unless started with priority scheduling); the stream is llmserve's.
 _NOT_FORWARDED = ("priority", "stream", "stream_options")
 
 
-def forwarded_body(request: GenerationRequest, model: str) -> dict[str, Any]:
+def forwarded_body(request: ValidatedRequest, model: str) -> dict[str, Any]:
     """What is sent upstream for ``request``, always as a stream llmserve reads (embeddings
     excepted), with the upstream's model name."""
     if request.kind in ("embeddings", "responses"):

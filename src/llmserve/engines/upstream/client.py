@@ -35,7 +35,7 @@ from llmserve.errors import (
     InvalidRequest,
     LLMServeError,
 )
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,14 @@ class UpstreamEngine:
             raise EngineUnavailable("the upstream engine is not started")
         return self._session
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         if request.kind == "embeddings":
             return self._embeddings(request)
         if request.kind == "responses":
             return self._responses(request)
         return self._chunks(request)
 
-    async def _chunks(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _chunks(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         """Chat and completions: the upstream's SSE chunks, read as engine events."""
         chat = request.messages is not None
         path = "v1/chat/completions" if chat else "v1/completions"
@@ -169,7 +169,7 @@ class UpstreamEngine:
                 response.close()
 
     async def _connect(
-        self, path: str, request: GenerationRequest, deadline: float
+        self, path: str, request: ValidatedRequest, deadline: float
     ) -> aiohttp.ClientResponse:
         """The upstream's response head, with every way of not getting one named by its code."""
         try:
@@ -185,7 +185,7 @@ class UpstreamEngine:
         except TimeoutError as exc:
             raise no_token(started=False) from exc
 
-    async def _embeddings(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _embeddings(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         """A whole (unstreamed) embeddings answer, as one usage event carrying its body. The
         first-token timeout bounds the whole answer: it is the first and only event."""
         deadline = asyncio.get_running_loop().time() + self._config.first_token_timeout_s
@@ -212,7 +212,7 @@ class UpstreamEngine:
                 response.close()
         yield embeddings_event(raw)
 
-    async def _responses(self, request: GenerationRequest) -> AsyncGenerator[EngineEvent, None]:
+    async def _responses(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
         """The Responses API's stream, event for event (``RawFrame``), always asked for as a
         stream so the first-token and between-token timeouts, failover and abort hold; its
         terminal event's response object is also the whole answer (the usage report's
@@ -260,7 +260,7 @@ class UpstreamEngine:
             self._open.pop(request.request_id, None)
             response.close()
 
-    async def _post(self, path: str, request: GenerationRequest) -> aiohttp.ClientResponse:
+    async def _post(self, path: str, request: ValidatedRequest) -> aiohttp.ClientResponse:
         body, headers = forwarded_body(request, self._model), dict(request.trace_headers)
         try:
             return await self._client().post(path, json=body, headers=headers)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmserve.models.embedded import ensure_embedded_model
-from llmserve.models.minilm import ensure_minilm
+from llmserve.embedded.minilm import ensure_minilm
+from llmserve.embedded.smollm2 import ensure_embedded_model
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"

@@ -1,4 +1,5 @@
-"""Which engine serves which model name."""
+"""The composition root of the engines: which engine serves which model name, its queue
+(scheduling) and its replicas (routing). It sits above all three, below the app."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from llmserve.engines.events import (
 )
 from llmserve.errors import EngineTimeout, LLMServeError
 from llmserve.scheduling.admission import Admission, Ticket
-from llmserve.validation.request import GenerationRequest
+from llmserve.validation.request import ValidatedRequest
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class RunObserver(Protocol):
 
 async def run_on_engine(
     engine: Engine,
-    request: GenerationRequest,
+    request: ValidatedRequest,
     timeout_s: float,
     admission: Admission | None = None,
     ticket: Ticket | None = None,
@@ -153,7 +153,7 @@ class Collected:
     usage_details: dict[str, Any] = field(default_factory=dict)
 
 
-async def collect(events: AsyncIterator[EngineEvent], request: GenerationRequest) -> Collected:
+async def collect(events: AsyncIterator[EngineEvent], request: ValidatedRequest) -> Collected:
     result = Collected([ChoiceResult() for _ in range(request.sampling.n)], request.prompt_tokens)
     counted = 0
     usage: UsageReport | None = None

@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from llmserve.models.embedded import EmbeddedModelMissing, package_file
+from llmserve.embedded.smollm2 import EmbeddedModelMissing, package_file
 
 PACKAGE = "all_minilm_l6_v2"
 ZIP_FILE = "model.zip"

@@ -1,1 +1,0 @@
-"""Model files: preparing the embedded default into a vLLM-loadable folder."""
