@@ -47,7 +47,7 @@ lint: install-dev
 	$(BIN)/ruff format --check src tests benchmarks
 
 typecheck: install-dev
-	$(BIN)/mypy src
+	$(BIN)/mypy src tests benchmarks
 
 # The multi-replica rate-limit tests need a real Redis server (Debian's, on loopback).
 # ... and a real Prometheus (with promtool) for the monitoring tests.

@@ -117,23 +117,23 @@ async def benchmark(args: argparse.Namespace) -> list[LoadRun]:
     return runs
 
 
+Row = tuple[str, float, float, float, float, float, int]
+
+
 def report(runs: list[LoadRun], requests: int) -> None:
     RESULTS.mkdir(exist_ok=True)
     names = list(dict.fromkeys(r.target for r in runs))
-    rows = []
+    # (setting, output tok/s, TTFT p50, TTFT p99, e2e p50, e2e p99 in ms, rounds)
+    rows: list[Row] = []
     for name in names:
         mine = [r for r in runs if r.target == name]
+        t50, t99, e50, e99 = (
+            statistics.median(r.pct(attr, q) for r in mine) * 1000
+            for attr in ("ttft_s", "e2e_s")
+            for q in (0.5, 0.99)
+        )
         rows.append(
-            (
-                name,
-                statistics.median(r.tokens_per_s for r in mine),
-                *(
-                    statistics.median(r.pct(attr, q) for r in mine) * 1000
-                    for attr in ("ttft_s", "e2e_s")
-                    for q in (0.5, 0.99)
-                ),
-                len(mine),
-            )
+            (name, statistics.median(r.tokens_per_s for r in mine), t50, t99, e50, e99, len(mine))
         )
     lines = [
         "# Grouping similar-length prompts: on vs off (real vLLM CPU engine)",
@@ -178,7 +178,7 @@ def vars_(result: object) -> dict[str, float]:
     return {k: getattr(result, k) for k in ("tokens", "ttft_s", "e2e_s", "status")}
 
 
-def plot(rows: list[tuple[object, ...]]) -> None:
+def plot(rows: list[Row]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,13 +186,13 @@ def plot(rows: list[tuple[object, ...]]) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
     names = [str(r[0]) for r in rows]
-    left.bar(names, [float(r[1]) for r in rows])  # type: ignore[arg-type]
+    left.bar(names, [float(r[1]) for r in rows])
     left.set_ylabel("output tokens/s")
     left.set_title("Throughput")
     for i, label in enumerate(("TTFT p50", "TTFT p99", "e2e p50", "e2e p99")):
         right.bar(
             [x + i * 0.2 for x in range(len(rows))],
-            [float(r[2 + i]) for r in rows],  # type: ignore[arg-type]
+            [float(r[2 + i]) for r in rows],
             0.2,
             label=label,
         )

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +127,7 @@ class TokenTextStreamer(TextIteratorStreamer):
         self.generated += len(value)
         self.token_cache.extend(value.tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
         if text.endswith("\ufffd"):
             return
         printable, self.print_len = text[self.print_len :], len(text)
@@ -153,7 +154,9 @@ class Model:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # What ``.eval()`` does (``train(False)``); transformers leaves ``eval`` unannotated.
+        self.model.train(False)
         self.eos_id = self.tokenizer.eos_token_id
         # One thread runs generate; the model never sees two calls at once.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -165,7 +168,14 @@ class Model:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
-            return self.model.generate(pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            # The ignore: transformers wraps ``generate`` in ``@torch.no_grad()``, and mypy then
+            # rejects its explicit ``self: GenerativePreTrainedModel`` annotation.
+            output = self.model.generate(  # type: ignore[misc]
+                pad_token_id=self.tokenizer.pad_token_id, **kwargs
+            )
+        # No ``return_dict_in_generate``: generate returns the token ids as a plain tensor.
+        assert isinstance(output, torch.Tensor)
+        return output
 
 
 @dataclass(slots=True, eq=False)
@@ -186,7 +196,7 @@ class PlainEngine:
         self.model = model
         self.lock = asyncio.Lock()
 
-    async def complete(self, prompt: str, completion: Completion) -> AsyncIterator[str]:
+    async def complete(self, prompt: str, completion: Completion) -> AsyncGenerator[str, None]:
         """Yields the text as it is generated; counts tokens in ``completion``."""
         params = completion.params
         ids = self.model.encode(prompt)
@@ -252,6 +262,7 @@ class BatchStreamer(BaseStreamer):
             self.tokens[i].append(token)
             row.completion_tokens = len(self.tokens[i])
             text = self.model.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
             if not text.endswith("\ufffd"):
                 self.push(i, text[self.printed[i] :])
                 self.printed[i] = len(text)
@@ -344,7 +355,7 @@ class BatchEngine:
             log.exception("batched generate failed")
             streamer.end()
 
-    async def complete(self, prompt: str, completion: Completion) -> AsyncIterator[str]:
+    async def complete(self, prompt: str, completion: Completion) -> AsyncGenerator[str, None]:
         if self.task is None:
             self.task = asyncio.create_task(self.scheduler())
         ids = self.model.encode(prompt)

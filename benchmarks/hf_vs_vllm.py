@@ -87,7 +87,7 @@ class Cell:
         return [r for r in self.results if r["ok"]]
 
     def pct(self, key: str, q: float) -> float:
-        values = sorted(r[key] for r in self.ok)
+        values: list[float] = sorted(r[key] for r in self.ok)
         if not values:
             return float("nan")
         # nearest-rank percentile

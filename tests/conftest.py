@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from llmserve.config import AdmissionConfig, AuthConfig, Limits, Settings, SimulatedModel
+from llmserve.config import (
+    AdmissionConfig,
+    AuthConfig,
+    Limits,
+    ModelConfig,
+    Settings,
+    SimulatedModel,
+)
 from llmserve.engines.simulated import SimulatedEngine
 from tests.support.gateway import RunningServer, free_port, serve
 
@@ -27,7 +34,7 @@ def simulated_models(
     tokens_per_second: float = 200,
     first_token_latency_s: float = 0.01,
     slow_admission: AdmissionConfig | None = None,
-) -> list[SimulatedModel]:
+) -> list[ModelConfig]:
     """ "sim", a 256-token context at ``tokens_per_second``, and "slow" (10 tokens/s)."""
     return [
         SimulatedModel(

@@ -409,7 +409,7 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
         import uvicorn
 
         from llmserve.app import create_app
-        from llmserve.config import AuthConfig, Settings, VllmModel
+        from llmserve.config import AuthConfig, ModelConfig, Settings, VllmModel
         from llmserve.engines.vllm_engine import VllmEngine
         from llmserve.registry import ModelRegistry
         from llmserve.server import uvicorn_config
@@ -427,7 +427,9 @@ async def serve_app(args: argparse.Namespace, deadline: float) -> None:
     if not args.cpu_dry_run:
         # Two engines share the GPU as in llmserve's default configuration (embedded/catalog.py).
         engine_args["gpu_memory_utilization"] = 0.8 if embed else 0.5
-    models = [VllmModel(name="dummy", model=str(args.model_dir), engine_args=engine_args)]
+    models: list[ModelConfig] = [
+        VllmModel(name="dummy", model=str(args.model_dir), engine_args=engine_args)
+    ]
     if embed:
         embed_args: dict[str, Any] = {} if args.cpu_dry_run else {"gpu_memory_utilization": 0.05}
         models.append(

@@ -607,7 +607,7 @@ def cpu_seconds(state: State) -> dict[str, float]:
     """User + system CPU seconds so far of each server's main process (its API front end; for
     the in-process llmserve also vLLM's output processing) and of its children (vLLM's engine
     core)."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     out: dict[str, float] = {}
     for name, pid in state.pids().items():

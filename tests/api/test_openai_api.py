@@ -11,13 +11,14 @@ import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 from tests.conftest import RunningServer, serve, sim_engine, simulated_settings
 from tests.support import sse
 from tests.support.errors import assert_openai_error
 from tests.support.sse import Event
 
 WORDS = (" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy", " dog", ".")
-CHAT = [{"role": "user", "content": "Say something."}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 
 
 _sdk_clients: list[AsyncOpenAI] = []

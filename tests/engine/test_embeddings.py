@@ -20,7 +20,14 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from llmserve.config import EMBEDDED_EMBEDDING_NAME, Limits, ManagedModel, Settings, VllmModel
+from llmserve.config import (
+    EMBEDDED_EMBEDDING_NAME,
+    Limits,
+    ManagedModel,
+    ModelConfig,
+    Settings,
+    VllmModel,
+)
 from llmserve.embedded.minilm import ensure_minilm
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import RunningServer, serve
@@ -56,7 +63,10 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run
         args=("--dtype", "float32", "--enforce-eager"),
         startup_timeout_s=400,
     )
-    models = [VllmModel(name=IN_PROCESS, embedded=EMBEDDED_EMBEDDING_NAME), served]
+    models: list[ModelConfig] = [
+        VllmModel(name=IN_PROCESS, embedded=EMBEDDED_EMBEDDING_NAME),
+        served,
+    ]
     settings = auth_settings(path, models=models, limits=Limits(max_embedding_inputs=MAX_INPUTS))
     async with serve(settings) as running:
         await wait_ready(running.url, within_s=400)
@@ -116,7 +126,11 @@ async def test_base64_encoding_and_vllm_fields_reach_the_engine(
 ) -> None:
     """``encoding_format`` and vLLM's own ``truncate_prompt_tokens`` have their meaning in
     both modes: honoured in process, forwarded to `vllm serve`."""
-    body = {"model": model, "input": SENTENCES[0], "encoding_format": "base64"}
+    body: dict[str, str | int] = {
+        "model": model,
+        "input": SENTENCES[0],
+        "encoding_format": "base64",
+    }
     body["truncate_prompt_tokens"] = 4
     async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
         r = await http.post("/v1/embeddings", json=body, headers=bearer(KEYS["free"]))

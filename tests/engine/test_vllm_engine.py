@@ -17,6 +17,7 @@ import openai
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionContentPartImageParam, ChatCompletionMessageParam
 
 from llmserve.config import Settings, VllmModel
 from llmserve.embedded.smollm2 import ensure_embedded_model
@@ -33,7 +34,9 @@ from tests.support.eventually import eventually
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "smollm2-135m-instruct"
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 # An aborted 2000-token request must be gone within this; left to run, it takes ~120 s.
 IDLE_WITHIN_S = 60
 
@@ -495,7 +498,10 @@ async def test_responses_bounds_and_refusals_are_named(vllm_server: RunningServe
 async def test_an_image_for_a_text_only_model_is_a_400_not_a_silent_drop(
     vllm_server: RunningServer,
 ) -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    image: ChatCompletionContentPartImageParam = {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+    }
     with pytest.raises(openai.BadRequestError) as refused:
         await client(vllm_server).chat.completions.create(
             model=MODEL,

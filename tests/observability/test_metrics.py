@@ -344,7 +344,8 @@ class FakeNvml:
 
     def __init__(self, fail_on: str | None = None) -> None:
         self.fail_on = fail_on
-        self.devices = [
+        # (name, used bytes, total bytes, utilisation %)
+        self.devices: list[tuple[bytes | str, int, int, int]] = [
             (b"NVIDIA H100 80GB HBM3", 10 * 2**30, 80 * 2**30, 37),  # bytes, as old bindings
             ("NVIDIA A10G", 2 * 2**30, 24 * 2**30, 100),
         ]

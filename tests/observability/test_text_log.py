@@ -18,7 +18,7 @@ def test_extra_fields_follow_the_message_before_a_traceback() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, True)
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, None)
         record.exc_info = __import__("sys").exc_info()
     record.__dict__.update(path="/v1/a b", status=500, key=None)
     first, *rest = formatter.format(record).splitlines()

@@ -29,6 +29,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -42,7 +43,7 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
 )
 from opentelemetry.trace import Link, SpanKind, StatusCode, TraceState
-from opentelemetry.util.types import Attributes
+from opentelemetry.util.types import AnyValue, Attributes
 
 from llmserve.config import Limits, UpstreamModel
 from llmserve.observability import tracing
@@ -58,6 +59,20 @@ from tests.observability.helpers import (
 from tests.support.eventually import eventually
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def number(attributes: Attributes, key: str) -> float:
+    """The numeric attribute ``key`` (an int or a float) of a span or an event."""
+    value = (attributes or {})[key]
+    assert isinstance(value, int | float), f"{key}: {value!r}"
+    return value
+
+
+def sequence(attributes: Attributes, key: str) -> tuple[AnyValue, ...]:
+    """The sequence attribute ``key`` of a span, as a tuple."""
+    value = (attributes or {})[key]
+    assert isinstance(value, Sequence), f"{key}: {value!r}"
+    return tuple(value)
 
 
 class SwitchSampler(Sampler):
@@ -189,7 +204,7 @@ async def test_a_span_per_request_with_genai_attributes(
     assert a["gen_ai.request.top_p"] == 0.9
     assert a["gen_ai.request.seed"] == 7
     assert a["gen_ai.response.id"] == chat_body["id"]
-    assert tuple(a["gen_ai.response.finish_reasons"]) == ("length",)
+    assert sequence(a, "gen_ai.response.finish_reasons") == ("length",)
     assert a["gen_ai.usage.input_tokens"] == chat_body["usage"]["prompt_tokens"]
     assert a["gen_ai.usage.output_tokens"] == chat_body["usage"]["completion_tokens"] == 4
     assert a["llmserve.status"] == "ok"
@@ -200,11 +215,12 @@ async def test_a_span_per_request_with_genai_attributes(
         a = dict(span.attributes or {})
         assert span.name == f"text_completion {model}"
         max_tokens = a["gen_ai.request.max_tokens"]
+        assert isinstance(max_tokens, int)
         assert max_tokens in usage_by_max
-        usage = usage_by_max.pop(max_tokens)  # type: ignore[call-overload]
+        usage = usage_by_max.pop(max_tokens)
         assert a["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
         assert a["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == max_tokens
-        assert tuple(a["gen_ai.response.finish_reasons"]) == ("length",)
+        assert sequence(a, "gen_ai.response.finish_reasons") == ("length",)
         if max_tokens == 3:
             assert a["gen_ai.request.temperature"] == 0.0
         assert span.status.status_code == StatusCode.UNSET
@@ -213,7 +229,7 @@ async def test_a_span_per_request_with_genai_attributes(
         names = [e.name for e in span.events]
         assert names == ["llmserve.admitted", "gen_ai.first_token"], names
         admitted = span.events[0]
-        assert (admitted.attributes or {})["llmserve.queue_wait_s"] >= 0
+        assert number(admitted.attributes, "llmserve.queue_wait_s") >= 0
         assert span.start_time is not None and span.end_time is not None
         assert span.start_time <= admitted.timestamp <= span.events[1].timestamp
         assert span.events[1].timestamp <= span.end_time
@@ -239,14 +255,14 @@ async def test_failed_requests_have_error_status(exporter: InMemorySpanExporter)
         (timed_out,) = await spans_of(exporter, slow, 1)
         refused, served = sorted(
             await spans_of(exporter, full, 2),
-            key=lambda s: (s.attributes or {})["gen_ai.request.max_tokens"],
+            key=lambda s: number(s.attributes, "gen_ai.request.max_tokens"),
         )
 
     assert timed_out.status.status_code == StatusCode.ERROR
     assert timed_out.status.description == "timeout"
     assert (timed_out.attributes or {})["llmserve.status"] == "timeout"
     # It had started generating: the tokens before the timeout are on the span.
-    assert 0 < (timed_out.attributes or {})["gen_ai.usage.output_tokens"] < 50
+    assert 0 < number(timed_out.attributes, "gen_ai.usage.output_tokens") < 50
     assert [e.name for e in timed_out.events] == ["llmserve.admitted", "gen_ai.first_token"]
 
     assert refused.status.status_code == StatusCode.ERROR
@@ -333,16 +349,15 @@ async def test_traceparent_is_forwarded_to_an_upstream_gateway(
 def _points(reader: InMemoryMetricReader, name: str, model: str) -> list[Any]:
     data = reader.get_metrics_data()
     assert data is not None
-    found = []
+    found: list[Any] = []
     for resource in data.resource_metrics:
         for scope in resource.scope_metrics:
             for metric in scope.metrics:
                 if metric.name == name:
-                    found.extend(
-                        p
-                        for p in metric.data.data_points
-                        if p.attributes.get("gen_ai.request.model") == model
-                    )
+                    for p in metric.data.data_points:
+                        assert p.attributes is not None
+                        if p.attributes.get("gen_ai.request.model") == model:
+                            found.append(p)
     return found
 
 
@@ -486,7 +501,7 @@ async def test_setup_exports_over_otlp_http(tmp_path: Path) -> None:
     assert process.returncode == 0, err.decode()[-3000:]
     assert b"exported" in out
 
-    spans = []
+    spans: list[tuple[dict[str, str], SpanProto]] = []
     for body in received["/v1/traces"]:
         export = ExportTraceServiceRequest.FromString(body)
         for resource_spans in export.resource_spans:
@@ -505,7 +520,7 @@ async def test_setup_exports_over_otlp_http(tmp_path: Path) -> None:
     assert attributes["gen_ai.usage.output_tokens"].int_value == 3
     assert [e.name for e in span.events] == ["llmserve.admitted", "gen_ai.first_token"]
 
-    names = set()
+    names: set[str] = set()
     for body in received["/v1/metrics"]:
         export = ExportMetricsServiceRequest.FromString(body)
         for resource_metrics in export.resource_metrics:

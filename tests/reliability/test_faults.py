@@ -51,7 +51,6 @@ from tests.reliability.fault_helpers import (
     REQUEST_TIMEOUT,
     STEADY,
     UNREACHABLE,
-    WORDS,
     Bench,
     assert_completed,
     assert_error_status,
@@ -83,6 +82,7 @@ from tests.support.fake_upstream import (
     HANG_BETWEEN,
     HEALTHY,
     HTML,
+    WORDS,
     Mode,
     after_words,
 )
@@ -307,9 +307,9 @@ async def test_hung_upstream_saturating_its_slots_still_ends_every_request() -> 
     async with fault_bench(admission=AdmissionConfig(max_in_flight=4)) as bench:
         bench.flaky.set(HANG_AFTER_HEADERS)
         before = await scrape(bench.url)
-        steady, *hung = await asyncio.gather(
+        steady, hung = await asyncio.gather(
             steady_streams(bench.url),
-            *(call(bench.url, FLAKY, stream=i % 2 == 0) for i in range(12)),
+            asyncio.gather(*(call(bench.url, FLAKY, stream=i % 2 == 0) for i in range(12))),
         )
         for seen in hung:
             if seen.status == 503:

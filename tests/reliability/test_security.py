@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from packaging.requirements import Requirement
 from packaging.version import Version
+from pydantic import SecretStr
 from starlette.routing import Route
 
 from llmserve.app import create_app
@@ -491,7 +492,11 @@ async def test_an_upstream_error_naming_its_key_does_not_reach_the_client() -> N
     fake = FakeUpstream(error(400, f"Incorrect API key provided: {upstream_key}"))
     await fake.start()
     settings = Settings(
-        models=[UpstreamModel(engine="openai", name="remote", url=fake.url, api_key=upstream_key)],
+        models=[
+            UpstreamModel(
+                engine="openai", name="remote", url=fake.url, api_key=SecretStr(upstream_key)
+            )
+        ],
         auth=AuthConfig(enabled=False),
     )
     blobs = {}

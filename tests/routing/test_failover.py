@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 
 import httpx
@@ -35,7 +36,7 @@ from tests.routing.helpers import (
     started_since,
     upstream_model,
 )
-from tests.support.client import call
+from tests.support.client import Seen, call
 from tests.support.eventually import eventually
 from tests.support.fake_upstream import (
     ERROR_JSON,
@@ -189,7 +190,11 @@ async def test_replica_that_never_listened_costs_the_client_nothing() -> None:
         gateway(upstream_model(model, [closed_url(), good.url])) as gw,
     ):
         for stream in (False, True, True, False):
-            seen = await call_many(3, lambda _, s=stream: call(gw.url, model, stream=s))
+
+            def one(_: int, s: bool = stream) -> Awaitable[Seen]:
+                return call(gw.url, model, stream=s)
+
+            seen = await call_many(3, one)
             for s in seen:
                 assert_full(s, 5, model=model)
 

@@ -132,3 +132,16 @@ def _steps(script: Script) -> AsyncIterator[Step]:
 async def _from_sync(script: Iterable[Step]) -> AsyncGenerator[Step, None]:
     for step in script:
         yield step
+
+
+async def read_until_error(
+    events: AsyncIterator[EngineEvent], catching: type[BaseException] = LLMServeError
+) -> tuple[list[EngineEvent], BaseException | None]:
+    """Every event until the end, and the error (of ``catching``) that ended them, if one did."""
+    seen: list[EngineEvent] = []
+    try:
+        async for event in events:
+            seen.append(event)
+    except catching as exc:
+        return seen, exc
+    return seen, None

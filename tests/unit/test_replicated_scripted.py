@@ -10,7 +10,7 @@ these tests script "the first attempt" and "the second attempt", wherever they l
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 
 import pytest
 from tests.support.eventually import eventually
@@ -21,6 +21,7 @@ from tests.support.scripted_engine import (
     ScriptedEngine,
     Step,
     chat_request,
+    read_until_error,
 )
 
 from llmserve.config import HealthConfig, RoutingConfig
@@ -74,18 +75,6 @@ def playing(*steps: Step) -> Handler:
     return lambda _: list(steps)
 
 
-async def read_all(
-    events: AsyncIterator[EngineEvent],
-) -> tuple[list[EngineEvent], BaseException | None]:
-    seen: list[EngineEvent] = []
-    try:
-        async for event in events:
-            seen.append(event)
-    except LLMServeError as exc:
-        return seen, exc
-    return seen, None
-
-
 async def checked(engine: ReplicatedEngine, replicas: list[ScriptedEngine]) -> None:
     """Start the health watchers and wait for every replica's first check."""
     await engine.start()
@@ -109,7 +98,7 @@ async def test_failure_before_the_first_event_is_retried_on_another_replica(
 ) -> None:
     handler = attempts(raising(error), playing(*TOKENS))
     replicas = [ScriptedEngine(handler), ScriptedEngine(handler)]
-    seen, failure = await read_all(replicated(*replicas).generate(REQUEST))
+    seen, failure = await read_until_error(replicated(*replicas).generate(REQUEST))
     assert (seen, failure) == (TOKENS, None)
     assert called(replicas) == [1, 1]  # tried once on each: the retry went elsewhere
 
@@ -118,7 +107,7 @@ async def test_request_the_engine_refused_is_not_retried() -> None:
     refusal = InvalidRequest("prompt too long", param="messages", code="context_length_exceeded")
     handler = attempts(raising(refusal), playing(*TOKENS))
     replicas = [ScriptedEngine(handler), ScriptedEngine(handler)]
-    seen, failure = await read_all(replicated(*replicas).generate(REQUEST))
+    seen, failure = await read_until_error(replicated(*replicas).generate(REQUEST))
     assert (seen, failure) == ([], refusal)  # the request's own fault: any replica would refuse
     assert sum(called(replicas)) == 1
 
@@ -132,7 +121,7 @@ async def test_failure_after_the_first_event_reaches_the_caller_without_retry() 
 
     handler = attempts(breaks_after_a, playing(*TOKENS))
     replicas = [ScriptedEngine(handler), ScriptedEngine(handler)]
-    seen, failure = await read_all(replicated(*replicas).generate(REQUEST))
+    seen, failure = await read_until_error(replicated(*replicas).generate(REQUEST))
     assert (seen, failure) == ([A], broken)  # no second "a" from a retry
     assert sum(called(replicas)) == 1
 
@@ -142,7 +131,7 @@ async def test_a_request_is_retried_once_and_the_last_error_is_the_callers() -> 
     second = EngineTimeout("silent", code="first_token_timeout")
     handler = attempts(raising(first), raising(second), playing(*TOKENS))
     replicas = [ScriptedEngine(handler) for _ in range(3)]
-    seen, failure = await read_all(replicated(*replicas).generate(REQUEST))
+    seen, failure = await read_until_error(replicated(*replicas).generate(REQUEST))
     assert (seen, failure) == ([], second)
     assert sorted(called(replicas)) == [0, 1, 1]
 
@@ -152,7 +141,7 @@ async def test_replica_that_failed_a_request_gets_no_more_until_checked() -> Non
     good = ScriptedEngine(playing(*TOKENS))
     engine = replicated(bad, good)
     for _ in range(4):
-        assert await read_all(engine.generate(REQUEST)) == (TOKENS, None)
+        assert await read_until_error(engine.generate(REQUEST)) == (TOKENS, None)
     assert called([bad, good]) == [1, 4]  # out after its first failure, whoever went first
 
 
@@ -162,7 +151,7 @@ async def test_replicas_whose_health_check_failed_are_skipped() -> None:
     await checked(engine, replicas)
     try:
         for _ in range(4):
-            assert await read_all(engine.generate(REQUEST)) == (TOKENS, None)
+            assert await read_until_error(engine.generate(REQUEST)) == (TOKENS, None)
         assert called(replicas) == [0, 4, 0]
         assert [s.healthy for s in engine.status()] == [False, True, False]
     finally:
@@ -174,7 +163,7 @@ async def test_every_replica_down_is_503_no_healthy_replica_with_retry_after() -
     engine = replicated(*replicas)
     await checked(engine, replicas)
     try:
-        seen, failure = await read_all(engine.generate(REQUEST))
+        seen, failure = await read_until_error(engine.generate(REQUEST))
         assert not await engine.check_health()
     finally:
         await engine.close()
@@ -215,7 +204,7 @@ async def test_deadline_abort_is_not_failed_over_or_held_against_the_replica(
     engine = replicated(*replicas)
     await checked(engine, replicas)
     try:
-        seen, failure = await read_all(serving_run(engine, 0.05))
+        seen, failure = await read_until_error(serving_run(engine, 0.05))
         statuses = engine.status()
     finally:
         await engine.close()

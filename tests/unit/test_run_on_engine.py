@@ -12,7 +12,14 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import pytest
-from tests.support.scripted_engine import Delay, Handler, ScriptedEngine, Step, chat_request
+from tests.support.scripted_engine import (
+    Delay,
+    Handler,
+    ScriptedEngine,
+    Step,
+    chat_request,
+    read_until_error,
+)
 
 from llmserve.engines.events import ChoiceFinished, EngineEvent, TextDelta, UsageReport
 from llmserve.errors import EngineFailure, EngineTimeout
@@ -63,13 +70,7 @@ def run(
 async def read_all(
     events: AsyncIterator[EngineEvent],
 ) -> tuple[list[EngineEvent], BaseException | None]:
-    seen: list[EngineEvent] = []
-    try:
-        async for event in events:
-            seen.append(event)
-    except Exception as exc:
-        return seen, exc
-    return seen, None
+    return await read_until_error(events, Exception)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import orjson
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from llmserve.config import Settings, UpstreamModel
 from llmserve.engines.simulated import SimulatedEngine
@@ -38,7 +39,7 @@ from tests.support.fake_upstream import (
 from tests.support.gateway import RunningServer, free_port, serve
 from tests.support.sse import parse_events
 
-MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about foxes."}]
 PROMPT = "Once upon a time"
 # What the simulated engine emits with seed=2 (its word cycle starts at the third word).
 SEED2_WORDS = [" brown", " fox", " jumps", " over", " a", " lazy", " dog", ".", " the"]
@@ -202,7 +203,7 @@ async def post_chat(b: RunningServer, stream: bool = True, **extra: Any) -> http
 # Through a healthy upstream: same results as asking the upstream directly
 # ---------------------------------------------------------------------------------------------
 
-CASES = {
+CASES: dict[str, tuple[dict[str, Any], list[str], list[str], int]] = {
     # name: (request options, expected texts, expected finish reasons, completion tokens)
     "length": ({"max_tokens": 5, "seed": 2}, ["".join(SEED2_WORDS[:5])], ["length"], 5),
     # The token that completed the stop sequence was generated, so it counts.
@@ -532,7 +533,7 @@ async def test_garbage_after_tokens_gives_in_band_error(writes: str) -> None:
     """Also when the token and the garbage arrive in one read: the token still goes out
     before the error."""
 
-    frames = (chat_chunk(" fine"), b"data: {this is not json\n\n")
+    frames: tuple[bytes, ...] = (chat_chunk(" fine"), b"data: {this is not json\n\n")
     if writes == "together":
         frames = (b"".join(frames),)
     # Never ends on its own: the gateway must stop reading.

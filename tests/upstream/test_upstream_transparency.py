@@ -15,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.auth.helpers import add_key, auth_settings, bearer
 from tests.conftest import serve, simulated_settings
@@ -25,7 +26,7 @@ from tests.upstream.test_upstream_engine import gateway_before, upstream_setting
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-TOOLS = [
+TOOLS: list[ChatCompletionToolParam] = [
     {
         "type": "function",
         "function": {
@@ -34,7 +35,7 @@ TOOLS = [
         },
     }
 ]
-CONVERSATION = [
+CONVERSATION: list[ChatCompletionMessageParam] = [
     {
         "role": "user",
         "content": [
@@ -161,8 +162,8 @@ async def test_streamed_tool_calls_reasoning_and_usage_details_reach_the_client(
         client = AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
         stream = await client.chat.completions.create(
             model="up",
-            messages=CONVERSATION,  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
+            messages=CONVERSATION,
+            tools=TOOLS,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -360,7 +361,7 @@ DONE_RESPONSE = {
     "output": [{"type": "message", "content": [{"type": "output_text", "text": "Paris."}]}],
     "usage": {"input_tokens": 11, "output_tokens": 2, "total_tokens": 13},
 }
-RESPONSES_EVENTS = [
+RESPONSES_EVENTS: list[dict[str, Any]] = [
     {"type": "response.created", "sequence_number": 0, "response": RESPONSE},
     {"type": "response.output_text.delta", "sequence_number": 1, "delta": "Paris", "item_id": "m"},
     {"type": "response.output_text.delta", "sequence_number": 2, "delta": ".", "item_id": "m"},
