@@ -95,15 +95,39 @@ class VllmModel(_Model):
 class RoutingConfig(_Strict):
     """How a model's requests are spread over its replicas."""
 
-    policy: Literal["least_outstanding", "session", "prefix"] = "least_outstanding"
+    policy: Literal["least_outstanding", "session", "prefix", "cache_aware"] = "least_outstanding"
     """least_outstanding: the replica with the fewest requests in flight. session: the same session
-    (header, else the body's ``user``) always goes to the same replica. prefix: the same prompt
-    prefix goes to the same replica, so vLLM's prefix cache is hit.
+    (header, else the body's ``user``) goes to the same replica. prefix: the same first
+    ``prefix_chars`` of the prompt go to the same replica. cache_aware: the replica that was
+    sent the longest prefix of this prompt before (an index of what each replica's prefix cache
+    holds), ties to the least loaded: multi-turn chats stay where their history is, users who
+    share a system prompt spread out. Every affinity is held to the load bound below.
     """
     session_header: str = "x-session-id"
     """The request header that names a session, for `policy: session`."""
     prefix_chars: int = Field(default=1024, gt=0)
     """How many characters of the prompt make the prefix, for `policy: prefix`."""
+    load_factor: float = Field(default=1.25, ge=1.0)
+    """Affinity (session, prefix, cache_aware) may load a replica up to this many times the
+    mean load of the replicas (counting the new request), or ``load_slack`` above the least
+    loaded one, whichever is more; past that, the next choice takes the request."""
+    load_slack: int = Field(default=2, ge=1)
+    """Requests a replica may run above the least loaded one whatever ``load_factor`` says, so
+    that at low load a session is not moved for being one request ahead."""
+    block_chars: int = Field(default=64, ge=8, le=4096)
+    """cache_aware: the prompt is matched in blocks of this many characters (about 16 tokens of
+    English, vLLM's block size)."""
+    index_blocks: int = Field(default=65_536, gt=0)
+    """cache_aware: blocks remembered per replica (least recently sent out first); about the
+    replica's prefix cache in blocks (KV cache tokens / 16) if known."""
+    signals_interval_s: float | None = Field(default=1.0, gt=0)
+    """How often each replica's /metrics is read for its engine's own load (vLLM's running and
+    waiting requests, KV-cache use), so that several gateways in front of the same engines
+    balance on the engines' real state; a replica that does not report is balanced on this
+    gateway's own counts. null: never read."""
+    max_prompt_blocks: int = Field(default=512, gt=0)
+    """cache_aware: a prompt is indexed by at most this many leading blocks (bounds the routing
+    cost of very long prompts)."""
 
 
 class HealthConfig(_Strict):

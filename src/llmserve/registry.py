@@ -114,7 +114,10 @@ class ModelRegistry:
             admission = self._admissions[name]
             limits = admission.state.limits
             replicas = tuple(
-                ReplicaGauges(r.label, r.healthy, r.outstanding) for r in self.replicas(name) or ()
+                ReplicaGauges(
+                    r.label, r.healthy, r.outstanding, r.load, r.engine_requests, r.kv_cache_usage
+                )
+                for r in self.replicas(name) or ()
             )
             models.append(
                 ModelGauges(

@@ -194,14 +194,16 @@ def started_since(
     return [now - then for now, then in zip(started_counts(replicas, model), before, strict=True)]
 
 
-async def served_by(replicas: Sequence[RunningServer], request: Awaitable[Seen]) -> int:
+async def served_by(
+    replicas: Sequence[RunningServer], request: Awaitable[Seen], model: str = "sim"
+) -> int:
     """Run one request alone and answer the index of the replica that generated it."""
-    before = started_counts(replicas)
+    before = started_counts(replicas, model)
     seen = await request
     assert seen.ok, seen
-    grew = [i for i, n in enumerate(started_since(replicas, before)) if n]
+    grew = [i for i, n in enumerate(started_since(replicas, before, model)) if n]
     assert len(grew) == 1, f"one request started on replicas {grew}: {seen}"
-    assert started_since(replicas, before)[grew[0]] == 1
+    assert started_since(replicas, before, model)[grew[0]] == 1
     return grew[0]
 
 

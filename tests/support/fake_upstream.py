@@ -149,6 +149,8 @@ class FakeUpstream:
         self.interval_s = interval_s
         self.requests: list[Received] = []
         self.health_checks = 0
+        self.metrics: str | None = None  # GET /metrics's body
+        self.metrics_reads = 0
         self.open = 0  # generation handlers running now
         self.hanging = 0  # of those, the ones silent until the fake stops
         self._health = health
@@ -200,6 +202,7 @@ class FakeUpstream:
         for path in GENERATION_ROUTES:
             app.router.add_post(path, self._generate)
         app.router.add_get("/health", self._health_check)
+        app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True).start()
@@ -232,6 +235,14 @@ class FakeUpstream:
             return web.Response(status=503)
         body = {"status": "ok" if self._health == 200 else "error"}
         return web.json_response(body, status=self._health)
+
+    async def _metrics(self, _: web.Request) -> web.StreamResponse:
+        """``metrics`` as Prometheus text (what a vllm serve would say of its load); 404 when
+        it is None, as from a server that exports none."""
+        self.metrics_reads += 1
+        if self.metrics is None:
+            return web.Response(status=404)
+        return web.Response(text=self.metrics, content_type="text/plain")
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

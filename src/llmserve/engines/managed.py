@@ -83,6 +83,9 @@ class ManagedServer:
     async def abort(self, request_id: str) -> None:
         await self._upstream.abort(request_id)
 
+    async def fetch_metrics(self) -> str:
+        return await self._upstream.fetch_metrics()
+
     async def check_health(self) -> bool:
         if self._process is None or self._process.returncode is not None:
             return False

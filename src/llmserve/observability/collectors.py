@@ -15,6 +15,9 @@ class ReplicaGauges:
     label: str
     healthy: bool
     outstanding: int
+    load: float = 0.0
+    engine_requests: float | None = None  # None: the engine does not report (not exported)
+    kv_cache_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +89,32 @@ class QueueCollector(Collector):
             labels=["model", "replica"],
         )
         now = self._read()
+        load = GaugeMetricFamily(
+            "llmserve_replica_load",
+            "The load routing balances on: the engine's own running + waiting requests (every "
+            "gateway's) where it reports them, plus this gateway's since; else this gateway's.",
+            labels=["model", "replica"],
+        )
+        engine_requests = GaugeMetricFamily(
+            "llmserve_replica_engine_requests",
+            "Running + waiting requests the replica's engine last reported (vllm:*).",
+            labels=["model", "replica"],
+        )
+        kv_usage = GaugeMetricFamily(
+            "llmserve_replica_kv_cache_usage_ratio",
+            "KV-cache use the replica's engine last reported (vllm:kv_cache_usage_perc).",
+            labels=["model", "replica"],
+        )
         for model in now.models:
             name = model.name
             for replica in model.replicas:
                 replica_up.add_metric([name, replica.label], 1.0 if replica.healthy else 0.0)
                 replica_running.add_metric([name, replica.label], replica.outstanding)
+                load.add_metric([name, replica.label], replica.load)
+                if replica.engine_requests is not None:
+                    engine_requests.add_metric([name, replica.label], replica.engine_requests)
+                if replica.kv_cache_usage is not None:
+                    kv_usage.add_metric([name, replica.label], replica.kv_cache_usage)
             waiting.add_metric([name], model.waiting)
             tokens.add_metric([name], model.waiting_tokens)
             running.add_metric([name], model.in_flight)
@@ -102,6 +126,9 @@ class QueueCollector(Collector):
         return [
             replica_up,
             replica_running,
+            load,
+            engine_requests,
+            kv_usage,
             waiting,
             tokens,
             running,

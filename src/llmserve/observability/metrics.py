@@ -77,6 +77,20 @@ UPSTREAM_FAILURES = Counter(
     "first_token_timeout, between_tokens_timeout, http_error, broken_stream, malformed, ...).",
     ["model", "replica", "kind"],
 )
+ROUTING_DECISIONS = Counter(
+    "llmserve_routing_decisions",
+    "Replica choices of the affinity policies (session, prefix, cache_aware), by reason: "
+    "affinity (the policy's own choice), load_bound (the bound sent it to the next one), "
+    "fallback (no affinity: the least loaded).",
+    ["model", "reason"],
+)
+PREFIX_BLOCKS = Counter(
+    "llmserve_routing_prefix_blocks",
+    "cache_aware: prompt blocks sent to each replica, by whether the gateway's index expected "
+    "the replica to hold them (hit) or not (miss); hit / (hit + miss) estimates its prefix "
+    "cache hit rate.",
+    ["model", "replica", "outcome"],
+)
 FAILOVERS = Counter(
     "llmserve_failovers",
     "Requests retried on another replica after a failure before their first token.",

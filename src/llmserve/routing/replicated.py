@@ -23,6 +23,8 @@ from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineFailure, EngineTimeout, EngineUnavailable, LLMServeError
 from llmserve.observability import metrics as prom
 from llmserve.routing.balancer import Balancer
+from llmserve.routing.engine_signals import EngineSignals, parse_signals
+from llmserve.routing.policy import RoutePolicy
 from llmserve.validation.codec import PromptCodec
 from llmserve.validation.request import ValidatedRequest
 
@@ -64,11 +66,21 @@ class JsonCalls(Protocol):
     async def post_json(self, path: str, body: dict[str, Any]) -> bytes: ...
 
 
+@runtime_checkable
+class MetricsSource(Protocol):
+    """A replica whose server exports Prometheus metrics (``vllm serve``'s own load)."""
+
+    async def fetch_metrics(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaStatus:
     label: str
     healthy: bool
     outstanding: int
+    load: float = 0.0  # what balancing uses (the engine's own count where it reports one)
+    engine_requests: float | None = None
+    kv_cache_usage: float | None = None
 
 
 class ReplicatedEngine:
@@ -86,11 +98,15 @@ class ReplicatedEngine:
         self._replicas = list(replicas)
         self._routing = routing
         self._health = health
-        self._balancer = Balancer(list(labels), health.eject_after_failures)
+        self._balancer = Balancer(
+            list(labels), health.eject_after_failures, routing.load_factor, routing.load_slack
+        )
+        self._policy = RoutePolicy(model, routing, self._balancer)
         self._running: dict[str, int] = {}  # request id → replica index
         self._aborted: set[str] = set()
         self._watchers: list[asyncio.Task[None]] = []
         self._ejections = [_Ejection() for _ in self._replicas]
+        self._signals: list[EngineSignals | None] = [None] * len(self._replicas)
 
     @property
     def codec(self) -> PromptCodec:
@@ -102,8 +118,15 @@ class ReplicatedEngine:
 
     def status(self) -> list[ReplicaStatus]:
         return [
-            ReplicaStatus(r.label, r.healthy is True, r.outstanding)
-            for r in self._balancer.replicas
+            ReplicaStatus(
+                r.label,
+                r.healthy is True,
+                r.outstanding,
+                r.load,
+                r.engine_requests,
+                signals.kv_cache_usage if signals is not None else None,
+            )
+            for r, signals in zip(self._balancer.replicas, self._signals, strict=True)
         ]
 
     async def start(self) -> None:
@@ -113,6 +136,13 @@ class ReplicatedEngine:
         self._watchers = [
             asyncio.create_task(self._watch(index)) for index in range(len(self._replicas))
         ]
+        interval = self._routing.signals_interval_s
+        if interval is not None:
+            self._watchers += [
+                asyncio.create_task(self._read_signals(index, interval))
+                for index, replica in enumerate(self._replicas)
+                if isinstance(replica, MetricsSource)
+            ]
 
     async def close(self) -> None:
         for watcher in self._watchers:
@@ -131,11 +161,11 @@ class ReplicatedEngine:
             await self._replicas[index].abort(request_id)
 
     async def generate(self, request: ValidatedRequest) -> AsyncGenerator[EngineEvent, None]:
-        affinity = self._affinity(request)
+        route = self._policy.route(request)
         tried: list[int] = []
         # The next replica to try: picked once per attempt, and a failover uses the pick that
         # decided it could fail over.
-        picked = self._balancer.pick(affinity)
+        picked = self._policy.choose(route)
         try:
             while True:
                 if picked is None:
@@ -159,7 +189,7 @@ class ReplicatedEngine:
                     self._failed(index, exc)
                     if started or len(tried) > 1:
                         raise
-                    picked = self._balancer.pick(affinity, exclude=tried)
+                    picked = self._policy.choose(route, exclude=tried)
                     if picked is None:
                         raise
                     prom.FAILOVERS.labels(self._model).inc()
@@ -196,18 +226,6 @@ class ReplicatedEngine:
                 self._failed(index, exc)
                 if len(tried) > 1:
                     raise
-
-    def _affinity(self, request: ValidatedRequest) -> str | None:
-        policy = self._routing.policy
-        if policy == "session":
-            return request.session
-        if policy == "prefix":
-            if request.messages is not None:
-                text = "\x00".join(f"{m.role}\x01{m.content}" for m in request.messages)
-            else:
-                text = request.prompt
-            return text[: self._routing.prefix_chars]
-        return None
 
     def _failed(self, index: int, exc: LLMServeError) -> None:
         label = self._balancer.replicas[index].label
@@ -270,9 +288,27 @@ class ReplicatedEngine:
                     replica.label,
                     change if healthy else "out (health check failed)",
                 )
+            if not healthy and replica.healthy is not False:
+                self._policy.forget(index)
             self._balancer.checked(index, healthy)
             h = self._health
             await self._sleep(index, h.interval_s if healthy else h.probe_interval_s)
+
+    async def _read_signals(self, index: int, interval_s: float) -> None:
+        """The replica engine's own load, every ``interval_s``; when it cannot be read (down,
+        not vLLM), balancing falls back to this gateway's counts until it can again."""
+        replica = self._replicas[index]
+        assert isinstance(replica, MetricsSource)
+        while True:
+            signals = None
+            if self._balancer.replicas[index].healthy is not False:
+                try:
+                    signals = parse_signals(await replica.fetch_metrics())
+                except (OSError, TimeoutError, LLMServeError):
+                    signals = None
+            self._signals[index] = signals
+            self._balancer.signal(index, signals.requests if signals is not None else None)
+            await asyncio.sleep(interval_s)
 
     async def _sleep(self, index: int, seconds: float) -> None:
         """Sleep, or less when a failed request took the replica out meanwhile."""

@@ -55,6 +55,7 @@ class UpstreamEngine:
         self._api_key = api_key
         self._codec = EstimatingCodec()
         self._session: aiohttp.ClientSession | None = None
+        self._metrics_session: aiohttp.ClientSession | None = None
         self._open: dict[str, aiohttp.ClientResponse] = {}
         self._model = config.upstream_model or config.name
         # Upstream error messages reach clients; an upstream may quote the key it was sent.
@@ -295,6 +296,31 @@ class UpstreamEngine:
         except TimeoutError as exc:
             raise no_token(started=False) from exc
 
+    async def fetch_metrics(self) -> str:
+        """The server's Prometheus text (``GET /metrics``), for its engine's own load."""
+        if self._metrics_session is None:
+            # A connection of its own: a poll never takes one of the generation pool's, nor
+            # meets a connection the upstream is closing under a request.
+            self._metrics_session = aiohttp.ClientSession(
+                base_url=self._url + "/",
+                headers=self._client().headers,
+                connector=aiohttp.TCPConnector(
+                    limit=1, keepalive_timeout=self._config.keepalive_timeout_s
+                ),
+                timeout=aiohttp.ClientTimeout(total=self._config.health.timeout_s),
+            )
+        try:
+            async with self._metrics_session.get("metrics") as response:
+                if response.status != 200:
+                    raise EngineFailure(
+                        f"/metrics answered {response.status}", code="upstream_http_error"
+                    )
+                return await response.text()
+        except aiohttp.ClientError as exc:
+            raise unreachable(exc) from exc
+        except TimeoutError as exc:
+            raise no_token(started=False) from exc
+
     async def abort(self, request_id: str) -> None:
         response = self._open.pop(request_id, None)
         if response is not None:
@@ -308,6 +334,9 @@ class UpstreamEngine:
             return False
 
     async def close(self) -> None:
+        if self._metrics_session is not None:
+            await self._metrics_session.close()
+            self._metrics_session = None
         if self._session is not None:
             await self._session.close()
             self._session = None
