@@ -8,6 +8,8 @@
 #   run_on_host.sh suite PHASE...     python3 -m benchmarks.gpu.suite with the bundle on the path
 #   run_on_host.sh nvml-check         benchmarks/gpu/nvml_check.py (no llmserve server needed)
 #   run_on_host.sh tp-smoke [ARGS]    benchmarks/gpu/tp_smoke.py: in-process engine, tensor_parallel_size 2
+#   run_on_host.sh receive-c          third transfer (issue 19): sglang-router's wheel, unpacked beside vLLM
+#   run_on_host.sh fleet PHASE...     benchmarks/gpu/fleet_gpu.py: vllm serve replicas behind each router
 #
 # With the device tool, back to back (the host keeps /tmp only while it stays warm):
 #   run(carry=["gpu-bundle-a"]): bash benchmarks/gpu/run_on_host.sh receive-a
@@ -39,10 +41,18 @@ case "${1:-}" in
     python3 benchmarks/gpu/make_dummy_model.py "$S/model"
     echo "setup took $((SECONDS - t0)) s"
     ;;
-  suite|nvml-check|tp-smoke)
+  receive-c)
+    for wheel in gpu-bundle-c/*.whl; do python3 -m zipfile -e "$wheel" "$S/site"; done
+    ls "$S/site" | grep -i sglang
+    ;;
+  suite|nvml-check|tp-smoke|fleet)
     export PYTHONPATH="$ROOT/src:$S/site" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
       VLLM_NO_USAGE_STATS=1 VLLM_USE_FLASHINFER_SAMPLER=0
     if [[ $1 == nvml-check ]]; then exec python3 benchmarks/gpu/nvml_check.py; fi
+    if [[ $1 == fleet ]]; then
+      shift
+      exec python3 -m benchmarks.gpu.fleet_gpu "$@" --state "$S" --model-dir "$S/model"
+    fi
     if [[ $1 == tp-smoke ]]; then
       shift
       exec python3 -m benchmarks.gpu.tp_smoke --state "$S" --model-dir "$S/model" "$@"
