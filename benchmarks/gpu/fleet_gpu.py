@@ -37,6 +37,7 @@ from benchmarks.bench import distribution
 from benchmarks.fleet.client import replay
 from benchmarks.fleet.workload import Spec, Turn, Workload, multi_turn
 from benchmarks.gpu.suite import State, alive, launch
+from llmserve.routing.engine_signals import parse_signals
 
 MODEL = "m"
 FIRST_PORT = 8501
@@ -131,14 +132,9 @@ async def engine_counters(urls: list[str]) -> list[tuple[float, float]]:
     async with aiohttp.ClientSession() as session:
         for url in urls:
             async with session.get(url + "/metrics") as r:
-                text = await r.text()
-            hits = queries = 0.0
-            for line in text.splitlines():
-                if line.startswith("vllm:prefix_cache_hits_total"):
-                    hits += float(line.rsplit(" ", 1)[1])
-                elif line.startswith("vllm:prefix_cache_queries_total"):
-                    queries += float(line.rsplit(" ", 1)[1])
-            found.append((hits, queries))
+                signals = parse_signals(await r.text())
+            assert signals is not None, f"{url}/metrics has no vllm:* load"
+            found.append((signals.prefix_hits or 0.0, signals.prefix_queries or 0.0))
     return found
 
 

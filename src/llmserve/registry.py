@@ -16,7 +16,7 @@ from llmserve.engines.simulated import SimulatedEngine
 from llmserve.engines.upstream.client import UpstreamEngine
 from llmserve.errors import ModelNotFound
 from llmserve.observability.collectors import GatewayGauges, ModelGauges, ReplicaGauges
-from llmserve.routing.replicated import ReplicaStatus, ReplicatedEngine
+from llmserve.routing.replicated import ReplicatedEngine
 from llmserve.scheduling.admission import Admission
 from llmserve.scheduling.queue_state import QueueLimits
 
@@ -102,7 +102,7 @@ class ModelRegistry:
         llmserve), so fields llmserve does not model are passed on, not refused."""
         return isinstance(self.config(name), (UpstreamModel, ManagedModel))
 
-    def replicas(self, name: str) -> list[ReplicaStatus] | None:
+    def replicas(self, name: str) -> list[ReplicaGauges] | None:
         """Per-replica health and load of a replicated model; None for a single engine."""
         engine = self.get(name)
         return engine.status() if isinstance(engine, ReplicatedEngine) else None
@@ -113,12 +113,7 @@ class ModelRegistry:
         for name in self._engines:
             admission = self._admissions[name]
             limits = admission.state.limits
-            replicas = tuple(
-                ReplicaGauges(
-                    r.label, r.healthy, r.outstanding, r.load, r.engine_requests, r.kv_cache_usage
-                )
-                for r in self.replicas(name) or ()
-            )
+            replicas = tuple(self.replicas(name) or ())
             models.append(
                 ModelGauges(
                     name=name,

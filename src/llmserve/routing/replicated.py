@@ -22,6 +22,7 @@ from llmserve.engines.base import Engine
 from llmserve.engines.events import EngineEvent
 from llmserve.errors import EngineFailure, EngineTimeout, EngineUnavailable, LLMServeError
 from llmserve.observability import metrics as prom
+from llmserve.observability.collectors import ReplicaGauges
 from llmserve.routing.balancer import Balancer
 from llmserve.routing.engine_signals import EngineSignals, parse_signals
 from llmserve.routing.policy import RoutePolicy
@@ -73,16 +74,6 @@ class MetricsSource(Protocol):
     async def fetch_metrics(self) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaStatus:
-    label: str
-    healthy: bool
-    outstanding: int
-    load: float = 0.0  # what balancing uses (the engine's own count where it reports one)
-    engine_requests: float | None = None
-    kv_cache_usage: float | None = None
-
-
 class ReplicatedEngine:
     """An Engine over replica Engines (upstream servers, managed ``vllm serve`` processes)."""
 
@@ -116,9 +107,9 @@ class ReplicatedEngine:
     def replicas(self) -> list[Engine]:
         return list(self._replicas)
 
-    def status(self) -> list[ReplicaStatus]:
+    def status(self) -> list[ReplicaGauges]:
         return [
-            ReplicaStatus(
+            ReplicaGauges(
                 r.label,
                 r.healthy is True,
                 r.outstanding,
